@@ -122,7 +122,7 @@ def fetch(name, fname, data_dir=DATA_DIR):
         _check(tmp, url, checksum)
     except BaseException as e:
         tmp.unlink(missing_ok=True)  # never leave a partial or corrupt file behind
-        if isinstance(e, DataError):
+        if not isinstance(e, Exception) or isinstance(e, DataError):  # Ctrl-C, or already clear
             raise
         raise DataError(f"could not download {url} ({e}). Without network, place the file by hand at "
                         f"{path} (e.g. copy it from ../shared/data/{name}/ or another machine).") from None
@@ -291,21 +291,21 @@ def _read_image_folder(path, size=None):
                 parts = m.name.strip("./").split("/")
                 if m.isfile() and len(parts) >= 3:
                     items.append((parts[-3], parts[-2], tar.extractfile(m).read()))
-    classes = sorted({c for s, c, _ in items if s == "train"})
+    items = [it for it in items if it[0] in ("train", "test", "val")]
+    classes = sorted({c for _, c, _ in items})  # an evaluation-only folder may hold just val/
     if not classes:
-        raise DataError(f"{path} has no train/<class>/ images")
+        raise DataError(f"{path} has no train/<class>/, test/<class>/ or val/<class>/ images")
     idx = {c: i for i, c in enumerate(classes)}
-    out = {"classes": classes}
-    for split in ("train", "test"):
-        sel = [it for it in items if it[0] == split or (split == "test" and it[0] == "val")]
-        xs = []
-        for _, _, b in sel:
-            im = Image.open(io.BytesIO(b)).convert("RGB")
-            xs.append(np.asarray(im.resize((size, size), Image.BILINEAR) if size else im))
-        if len({x.shape for x in xs}) > 1:
-            raise DataError(f"images in {path} differ in size: pass size= to resize them")
-        out[split] = (np.stack(xs).transpose(0, 3, 1, 2), np.array([idx[c] for _, c, _ in sel]))
-    return out
+    decode = lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("RGB").resize((size, size), Image.BILINEAR)
+                                  if size else Image.open(io.BytesIO(b)).convert("RGB"))
+    xs = [decode(b) for _, _, b in items]
+    if len({x.shape for x in xs}) > 1:
+        raise DataError(f"images in {path} differ in size: pass size= to resize them")
+    x, y = np.stack(xs).transpose(0, 3, 1, 2), np.array([idx[c] for _, c, _ in items])  # (N, C, H, W)
+    split = np.array(["train" if s == "train" else "test" for s, _, _ in items])  # val/ serves as test
+    perm = np.random.default_rng(0).permutation(len(items))  # a fixed shuffle: any prefix mixes classes,
+    x, y, split = x[perm], y[perm], split[perm]                # as in CIFAR's own files
+    return {"classes": classes, **{s: (x[split == s], y[split == s]) for s in ("train", "test")}}
 
 
 def load_images(dataset="cifar10", data_dir=DATA_DIR, size=None):
