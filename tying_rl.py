@@ -1,0 +1,1033 @@
+"""
+Dynamic Layer Tying: a GPT whose blocks an RL agent ties to earlier blocks during training.
+
+Paper: "Dynamic Layer Tying for Parameter-Efficient Transformers", Tamir David-Hay & Lior Wolf,
+ICLR 2024, arXiv 2401.12819 (official code: tamirdh/Dynamic-Layer-Tying, code/dqn_trainer.py).
+The idea: every block position i has a source src[i] <= i (i itself = trainable). A small
+Q-network looks at the vector src and, sweeping over layers 1..L-1, picks for layer l either
+"train independently" or "copy layer k < l" (epsilon-greedy). After each action the LM trains a
+few steps; the reward is minus the perplexity of one fresh training batch, clipped to [-10, 10].
+A tied position holds no weights, gradients or AdamW state, so memory and trainable parameters
+fall while the depth stays L. Exact algorithm and decisions D1-D18: shared/papers/tying_rl.md.
+
+Sections: config -> utilities -> GPT with tie map -> agents -> eval / reward -> train -> bench
+-> plots -> main.  Dimension letters: B batch, T time, C channels (n_embd), nh heads, hs head
+size, L layers.
+
+Run (PTB, GPT-2 tokenizer; copy data first: mkdir -p data/ptb && cp <ptb files> data/ptb/):
+    python tying_rl.py                          # 24 x 512 GPT, Q-agent, 60 episodes (one H100)
+    python tying_rl.py --agent=none             # the conventional baseline, same budget
+    python tying_rl.py --preset=tiny --device=cpu   # CPU smoke run, under a minute
+    python tying_rl.py --preset=paper --episodes=2  # paper scale (48 x 1600), memory check
+    python tying_rl.py --mode=bench --compile=True  # speed: GPT-2-small shape, tokens/s, MFU
+Expected results and measured numbers: see the README (GPU figures are not yet measured).
+"""
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.func import functional_call
+
+import data
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = "ptb"           # ptb | wikitext2 | wikitext103 | shakespeare | text:PATH
+    tokenizer: str = "gpt2"        # gpt2 (tiktoken, vocab 50257) | char
+    data_dir: str = ""             # '' = data.DATA_DIR (<repo>/data)
+    preset: str = "default"        # default (24x512, ~5 min H100) | paper (48x1600) | tiny (CPU)
+    # model (nanoGPT names)
+    n_layer: int = 24              # depth L; the paper uses 48
+    n_head: int = 8                # attention heads; n_embd % n_head == 0
+    n_embd: int = 512              # width C; the paper uses 1600
+    block_size: int = 256          # context T; the paper uses 256
+    dropout: float = 0.2           # the paper hard-codes 0.2
+    bias: bool = True              # biases in Linear and LayerNorm (GPT-2 style)
+    # optimizer (official: AdamW, constant lr, wd 0.01 on every parameter, clip 1.0)
+    lr: float = 3e-4               # constant lr; the paper uses 1e-4 at width 1600
+    weight_decay: float = 0.01     # applied to every parameter, as in the official code
+    grad_clip: float = 1.0         # clip the global grad norm; 0 = off
+    warmup_iters: int = 0          # >0 turns on linear warmup + cosine decay to lr/10 (optional)
+    pure_bf16: bool = False        # official: weights cast to bf16, no fp32 master (CUDA only)
+    # training (one episode = one sweep over layers 1..L-1 = (L-1)*steps_per_action LM steps)
+    episodes: int = 60             # number of sweeps (the official --epochs); paper 300
+    batch_size: int = 16           # sequences per LM step; paper 16
+    eval_interval: int = 5         # evaluate val (and test, official style) every N episodes
+    eval_batch_size: int = 16      # sequences per eval batch
+    eval_max_batches: int = 0      # cap for the periodic evals (0 = whole split); final is whole
+    log_interval: int = 50         # LM steps between progress lines
+    # agent (D-numbers refer to tying_rl.md section 6)
+    agent: str = "q"               # q | reinforce | random | sequence | rev | roundrobin | universal | none
+    steps_per_action: int = 4      # D5: LM steps after each action (4 latest, 10 submission)
+    gamma: float = 0.99            # TD discount
+    eps_start: float = 1.0         # D9: epsilon at the start
+    eps_decay: float = 0.95        # D9: epsilon *= eps_decay after each sweep
+    eps_min: float = 0.01          # D9: epsilon floor (official 0.01)
+    agent_lr: float = 1e-3         # AdamW lr of the Q / policy network (wd 0.01)
+    reward: str = "negppl_clip10"  # D6: negppl_clip10 (official) | negloss | delta
+    reward_clip: float = 10.0      # clip for negppl_clip10
+    param_penalty: float = 0.0     # D6: reward -= param_penalty * trainable_blocks / L
+    td_next_layer: bool = False    # D7: bootstrap from layer l+1's block (official: same layer)
+    q_input: str = "raw"           # D10: raw (official) | norm (divide by L)
+    entropy_coef: float = 0.01     # reinforce: entropy bonus
+    baseline_beta: float = 0.9     # reinforce: moving-average reward baseline per layer
+    tie_grad: str = "detached"     # D1: detached (official, copy sends no grad) | shared (ALBERT)
+    untie: str = "clone"           # D2: clone (own copy, fresh AdamW state) | alias (official)
+    init_state: str = "tied"       # D4: tied (all -> layer 0 for real) | untied | official
+    # system
+    device: str = "auto"           # auto (cuda -> mps -> cpu) | cuda | mps | cpu
+    seed: int = 1337               # seeds torch, the data generator and the agent generator
+    compile: bool = False          # torch.compile: whole model if the tie map is static, else per block
+    out_dir: str = "out/tying_rl"  # config.json, log.jsonl, ckpt.pt, best.pt, summary.json, PNGs
+    plot: bool = True              # write PNGs
+    resume: bool = False           # continue from out_dir/ckpt.pt
+    mode: str = "train"            # train | bench
+    bench_steps: int = 2           # bench: timed episodes ((L-1)*steps_per_action LM steps each)
+    peak_tflops: float = 0.0       # MFU peak override; 0 = look up the GPU name
+
+
+PRESETS = {
+    "default": {},
+    "paper": dict(n_layer=48, n_embd=1600, n_head=16, dropout=0.2, block_size=256, batch_size=16,
+                  lr=1e-4, episodes=300, eval_interval=10, pure_bf16=True),
+    "tiny": dict(n_layer=4, n_embd=32, n_head=2, block_size=32, batch_size=4, episodes=3,
+                 eval_interval=1, eval_batch_size=32, eval_max_batches=4, log_interval=4,
+                 steps_per_action=2, lr=1e-3, dropout=0.0),
+}
+BENCH = dict(n_layer=12, n_embd=768, n_head=12, block_size=1024, batch_size=12, dropout=0.0)
+AGENTS = ("q", "reinforce", "random", "sequence", "rev", "roundrobin", "universal", "none")
+CHOICES = dict(preset=tuple(PRESETS), agent=AGENTS, reward=("negppl_clip10", "negloss", "delta"),
+               tie_grad=("detached", "shared"), untie=("clone", "alias"), mode=("train", "bench"),
+               init_state=("tied", "untied", "official"), q_input=("raw", "norm"),
+               tokenizer=("gpt2", "char"))
+DATASETS = ("ptb", "wikitext2", "wikitext103", "shakespeare")
+RESUME_MAY_DIFFER = {"resume", "episodes", "plot", "device", "out_dir", "compile", "log_interval",
+                     "eval_interval", "data_dir", "mode", "bench_steps", "peak_tflops"}
+
+
+def validate(cfg):
+    """Fail at start with one clear message (ValueError) for impossible configs."""
+    for k, allowed in CHOICES.items():
+        if getattr(cfg, k) not in allowed:
+            raise ValueError(f"unknown {k} {getattr(cfg, k)!r}: choose one of {', '.join(allowed)}")
+    if cfg.dataset not in DATASETS and not cfg.dataset.startswith("text:"):
+        raise ValueError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)} or text:PATH")
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+    if cfg.steps_per_action < 1:
+        raise ValueError(f"steps_per_action={cfg.steps_per_action} must be >= 1")
+    if cfg.n_layer < 2 or cfg.episodes < 1 or cfg.batch_size < 1 or cfg.eval_interval < 1:
+        raise ValueError("need n_layer >= 2, episodes >= 1, batch_size >= 1, eval_interval >= 1")
+
+
+def parse_config(argv=None):
+    """--key=value flags from the Config fields; a --preset's values sit under explicit flags."""
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    to_bool = lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()]
+    for f in fields(Config):
+        p.add_argument(f"--{f.name}", type=to_bool if f.type in (bool, "bool") else type(f.default),
+                       default=None, help=f"default {f.default!r}")
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    preset = given.get("preset", "default")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    bench = given.get("mode") == "bench" and preset == "default"  # bench: GPT-2-small shape
+    cfg = Config(**{**(BENCH if bench else PRESETS[preset]), **given})
+    validate(cfg)
+    return cfg
+
+# -----------------------------------------------------------------------------
+# utilities
+
+
+def get_device(pref="auto"):
+    if pref != "auto":
+        return pref
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def autocast_ctx(device, cfg):
+    # bf16 autocast only on CUDA with bf16; fp32 elsewhere; pure_bf16 weights need no autocast
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported() and not cfg.pure_bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def set_seed(seed):
+    import random
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_lr(it, total, cfg):
+    """Constant lr (official); with warmup_iters > 0, linear warmup then cosine to lr/10."""
+    if cfg.warmup_iters <= 0:
+        return cfg.lr
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / cfg.warmup_iters
+    ratio = min(1.0, (it - cfg.warmup_iters) / max(1, total - cfg.warmup_iters))
+    return cfg.lr / 10 + 0.5 * (1 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.lr / 10)
+
+
+def peak_flops(cfg):
+    if cfg.peak_tflops > 0 or not torch.cuda.is_available():
+        return cfg.peak_tflops * 1e12 or None
+    table = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense
+    return next((v for k, v in table.items() if k in torch.cuda.get_device_name()), None)
+
+# -----------------------------------------------------------------------------
+# GPT (nanoGPT module names and state-dict keys) with a tie map
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (nanoGPT)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.dropout = config.n_head, config.dropout
+
+    def forward(self, x):
+        q, k, v = self.c_attn(x).chunk(3, dim=2)  # 3 x (B, T, C)
+        q, k, v = (rearrange(t, "b t (nh hs) -> b nh t hs", nh=self.n_head) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=True)
+        y = rearrange(y, "b nh t hs -> b t (nh hs)")
+        return self.resid_dropout(self.c_proj(y))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, 4C) -> (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Tied(nn.Module):
+    """Placeholder at a tied position: no parameters, no buffers, no state-dict keys.
+    Design: transformer.h stays a ModuleList of length L (so the untied model has exactly
+    nanoGPT's keys); a tied position's Block is *replaced* by this empty module, so its tensors
+    are freed for real, and GPT.forward runs the root's Block there. The tie itself is data:
+    the list GPT.src, printed and logged, never hidden in module surgery."""
+
+    def forward(self, x):
+        raise RuntimeError("a Tied placeholder never runs; GPT.forward runs the root block")
+
+
+def empty_block(config, like):
+    """An uninitialised Block on like's device and dtype (built on 'meta': no RNG, no init cost)."""
+    with torch.device("meta"):
+        blk = Block(config)
+    return blk.to_empty(device=like.device).to(like.dtype)
+
+
+class GPT(nn.Module):
+    def __init__(self, config, tie_grad="detached"):
+        super().__init__()
+        self.config, self.tie_grad = config, tie_grad
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias)))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying (nanoGPT)
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():
+            if pn.endswith("c_proj.weight"):  # scaled residual init (GPT-2)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.src = list(range(config.n_layer))  # src[i] = i: trainable; src[i] = j < i: copies j
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    # ALGO LOGIC: tie map. D3: chains resolve at forward time: follow src until a position that
+    # owns a Block. Cycles are impossible because src[i] < i for every tied position.
+    def root(self, i):
+        while not isinstance(self.transformer.h[i], Block):
+            i = self.src[i]
+        return i
+
+    def tie_map(self):
+        return [self.root(i) for i in range(self.config.n_layer)]
+
+    def tie(self, i, j):
+        """Layer i copies layer j < i: its Block (weights, grads) is dropped. Returns True if changed."""
+        assert 0 <= j < i, f"layer {i} can only copy an earlier layer, got {j}"
+        changed = self.src[i] != j or isinstance(self.transformer.h[i], Block)
+        self.src[i] = j
+        if isinstance(self.transformer.h[i], Block):
+            self.transformer.h[i] = Tied()  # the old Block is garbage once the optimizer forgets it
+        return changed
+
+    def untie(self, i, mode="clone"):
+        """Layer i trains independently. D2: clone = own copy of its root's current weights;
+        alias = the official behaviour: new Parameters that share the root's storage, so two
+        positions (with two AdamW states) update the same tensor. Returns True if changed."""
+        blk = self.transformer.h[i]
+        if isinstance(blk, Block):  # already owns weights (maybe frozen by init_state=official)
+            changed = self.src[i] != i or not blk.ln_1.weight.requires_grad
+            blk.requires_grad_(True)
+            self.src[i] = i
+            return changed
+        root_blk = self.transformer.h[self.root(i)]
+        new = empty_block(self.config, next(root_blk.parameters()))
+        with torch.no_grad():
+            for p, q in zip(new.parameters(), root_blk.parameters()):
+                if mode == "alias":
+                    p.data = q.data  # official: the new Parameter shares the root's storage
+                else:
+                    p.copy_(q)  # clone: separate storage, equal values
+        new.requires_grad_(True)
+        self.transformer.h[i], self.src[i] = new, i
+        return True
+
+    def apply_action(self, l, a, untie="clone"):
+        """Action a for layer l: a < l copies layer a, a == l trains layer l (tying_rl.md 1.3)."""
+        return self.untie(l, untie) if a == l else self.tie(l, a)
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) -> (logits (B, T, V), mean CE or None). Unlike nanoGPT, logits are returned
+        for every position also when targets is None (generate uses the last one)."""
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"sequence {T} > block_size {self.config.block_size}"
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, blk in enumerate(self.transformer.h):
+            if isinstance(blk, Block):
+                x = blk(x)  # own weights (trainable, or frozen with init_state=official)
+                continue
+            # ALGO LOGIC: a tied position runs its root's Block. D1 detached (default, official):
+            # the weights enter as constants, so no gradient reaches the root from this position
+            # (gradient still flows through x to earlier layers). shared: ALBERT-style sum.
+            rb = self.transformer.h[self.root(i)]
+            if self.tie_grad == "shared":
+                x = rb(x)
+            else:
+                x = functional_call(rb, {k: v.detach() for k, v in rb.named_parameters()}, (x,))
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :] / temperature  # (B, V)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)
+        return idx
+
+    # -- counting (D18): unique storages, so aliased tensors count once --------------------
+    def num_params(self, trainable_only=False, blocks_only=False):
+        mods = [b for b in self.transformer.h if isinstance(b, Block)] if blocks_only else [self]
+        seen, n = set(), 0
+        for m in mods:
+            for p in m.parameters():
+                if (p.requires_grad or not trainable_only) and p.data_ptr() not in seen:
+                    seen.add(p.data_ptr())
+                    n += p.numel()
+        return n
+
+    def flops_per_token(self, T):
+        """PaLM-style count: 6 FLOPs/weight for weights that get a gradient, 4 for tied detached
+        positions and frozen blocks (no weight-gradient matmul), every position counted (effective
+        depth) + attention 12*L*C*T; position embeddings excluded."""
+        per_block = sum(p.numel() for p in self.transformer.h[0].parameters())  # layer 0 always owns
+        n = 0
+        for i, blk in enumerate(self.transformer.h):
+            trains = isinstance(blk, Block) and blk.ln_1.weight.requires_grad
+            n += per_block * (6 if trains or self.tie_grad == "shared" else 4)
+        n += 6 * (self.lm_head.weight.numel() + self.transformer.ln_f.weight.numel())
+        return n + 12 * self.config.n_layer * self.config.n_embd * T
+
+
+def set_initial_state(model, init_state):
+    """D4: 'tied' = every layer really tied to layer 0 (matches the agent's all-zero state);
+    'untied' = all trainable; 'official' = state says 'copy 0' but blocks keep their own random
+    weights, frozen (requires_grad False) until the agent acts on them."""
+    for i in range(1, model.config.n_layer):
+        if init_state == "tied":
+            model.tie(i, 0)
+        elif init_state == "official":
+            model.transformer.h[i].requires_grad_(False)
+            model.src[i] = 0
+
+
+def structure(model):
+    """Plain-type description of which positions own a Block (and if it trains): for ckpts."""
+    return dict(src=list(model.src),
+                own=[isinstance(b, Block) for b in model.transformer.h],
+                trains=[isinstance(b, Block) and b.ln_1.weight.requires_grad for b in model.transformer.h])
+
+
+def restore_structure(model, st):
+    """Rebuild Tied placeholders / empty Blocks so that a saved state dict loads into them."""
+    h = model.transformer.h
+    for i in range(model.config.n_layer):
+        if not st["own"][i]:
+            h[i] = Tied()
+        else:
+            h[i] = h[i] if isinstance(h[i], Block) else empty_block(model.config, model.lm_head.weight)
+            h[i].requires_grad_(st["trains"][i])
+    model.src = list(st["src"])
+
+
+# -----------------------------------------------------------------------------
+# optimizer bookkeeping: AdamW over exactly the parameters that currently train (D12)
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]  # module order: deterministic
+
+
+def make_optimizer(model, cfg, device):
+    return torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             fused=device.startswith("cuda"))
+
+
+def sync_optimizer(model, opt):
+    """After a tie/untie: the one param group holds the trainable params in module order; the
+    AdamW state (exp_avg, exp_avg_sq) of params that left is deleted, so a tied block's tensors
+    are freed for real; params that joined start with fresh, lazily created state (D2, D12).
+    (The official code never frees this state; that variant is not reproduced.)"""
+    params = trainable(model)
+    keep = {id(p) for p in params}
+    for p in list(opt.state.keys()):
+        if id(p) not in keep:
+            del opt.state[p]
+    opt.param_groups[0]["params"] = params
+
+
+def state_bytes(model, opt):
+    """Steady-state bytes counted tensor by tensor: unique parameter storages + gradients +
+    optimizer state (activations excluded). Exists on every device (the CPU memory figure)."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        for t in [p, p.grad] + [v for v in opt.state.get(p, {}).values() if torch.is_tensor(v)]:
+            if t is not None and t.data_ptr() not in seen and t.numel() > 1:
+                seen.add(t.data_ptr())
+                n += t.numel() * t.element_size()
+    return n
+
+# -----------------------------------------------------------------------------
+# agents (cleanrl dqn.py names). Actions for layer l: 0..l-1 = copy that layer, l = train.
+
+
+def block_slice(l):
+    """Layer l's outputs in the concatenated head: offset l(l+1)/2, length l+1 (tying_rl.md 1.3)."""
+    off = l * (l + 1) // 2
+    return slice(off, off + l + 1)
+
+
+class QNetwork(nn.Module):
+    """MLP L -> 128 -> L(L+1)/2: one block of l+1 Q-values per layer (block 0 never used)."""
+
+    def __init__(self, n_layer):
+        super().__init__()
+        self.network = nn.Sequential(nn.Linear(n_layer, 128), nn.ReLU(),
+                                     nn.Linear(128, n_layer * (n_layer + 1) // 2))
+
+    def forward(self, s):
+        return self.network(s)  # (L,) -> (L(L+1)/2,)
+
+
+def td_target(reward, q_next_block, gamma):
+    """Official TD target: r + gamma * max_a' Q(s', a') over one layer's block, no terminal."""
+    return reward + gamma * q_next_block.max()
+
+
+class QAgent:
+    """Online deep Q-learning exactly as the official code: one MSE step per transition, no
+    replay buffer, no target network (D8), AdamW lr 1e-3 wd 0.01, epsilon-greedy per layer."""
+    learns = True
+
+    def __init__(self, n_layer, cfg, seed):
+        self.L, self.cfg = n_layer, cfg
+        self.gen = torch.Generator().manual_seed(seed + 1)
+        torch.manual_seed(seed + 2)
+        self.q_network = QNetwork(n_layer)
+        self.optimizer = torch.optim.AdamW(self.q_network.parameters(), lr=cfg.agent_lr, weight_decay=0.01)
+        self.baseline = [None] * n_layer  # reinforce only: moving-average reward per layer
+
+    def encode(self, src):
+        s = torch.tensor(src, dtype=torch.float32)  # D10: raw layer indices (official)
+        return s / self.L if self.cfg.q_input == "norm" else s
+
+    def act(self, src, l, eps, sweep):
+        # ALGO LOGIC: epsilon-greedy on layer l's block. Uniform exploration picks "train" with
+        # probability 1/(l+1) only, so exploration is biased towards tying (tying_rl.md 1.4).
+        if torch.rand(1, generator=self.gen).item() < eps:
+            return int(torch.randint(l + 1, (1,), generator=self.gen))
+        with torch.no_grad():
+            return int(self.q_network(self.encode(src))[block_slice(l)].argmax())
+
+    def update(self, src, l, a, r, src2):
+        # ALGO LOGIC: TD step. D7: the official target maxes over the SAME layer's block at s'.
+        nl = (l % (self.L - 1)) + 1 if self.cfg.td_next_layer else l
+        with torch.no_grad():
+            target = td_target(r, self.q_network(self.encode(src2))[block_slice(nl)], self.cfg.gamma)
+        q = self.q_network(self.encode(src))[block_slice(l)][a]
+        loss = F.mse_loss(q, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return dict(q=q.item(), td_target=target.item(), td_loss=loss.item())
+
+    def state_dict(self):
+        return dict(net=self.q_network.state_dict(), opt=self.optimizer.state_dict(),
+                    gen=self.gen.get_state(), baseline=self.baseline)
+
+    def load_state_dict(self, d):
+        self.q_network.load_state_dict(d["net"])
+        self.optimizer.load_state_dict(d["opt"])
+        self.gen.set_state(d["gen"])
+        self.baseline = d["baseline"]
+
+
+class ReinforceAgent(QAgent):
+    """Policy gradient over the same actions: the same MLP gives per-layer logits (a categorical
+    head per layer), a moving-average baseline per layer, and an entropy bonus. No epsilon."""
+
+    def act(self, src, l, eps, sweep):
+        with torch.no_grad():
+            probs = F.softmax(self.q_network(self.encode(src))[block_slice(l)], dim=-1)  # (l+1,)
+        return int(torch.multinomial(probs, 1, generator=self.gen))
+
+    def update(self, src, l, a, r, src2):
+        # ALGO LOGIC: REINFORCE with baseline: loss = -(r - b_l) log pi(a|s) - beta * H(pi)
+        b = r if self.baseline[l] is None else self.baseline[l]
+        logp = F.log_softmax(self.q_network(self.encode(src))[block_slice(l)], dim=-1)
+        entropy = -(logp.exp() * logp).sum()
+        loss = -(r - b) * logp[a] - self.cfg.entropy_coef * entropy
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.baseline[l] = self.cfg.baseline_beta * b + (1 - self.cfg.baseline_beta) * r
+        return dict(logp=logp[a].item(), baseline=b, entropy=entropy.item())
+
+
+class FixedAgent:
+    """No learning: random (uniform over l+1), or the official ablation patterns."""
+    learns = False
+
+    def __init__(self, n_layer, kind, seed):
+        self.L, self.kind = n_layer, kind
+        self.gen = torch.Generator().manual_seed(seed + 1)
+
+    def act(self, src, l, eps, sweep):
+        L = self.L
+        if self.kind == "random":
+            return int(torch.randint(l + 1, (1,), generator=self.gen))
+        if self.kind == "sequence":  # odd layers copy the previous (even) layer: L/2 unique
+            return l - 1 if l % 2 else l
+        if self.kind == "rev":  # l < L/2 trainable, l >= L/2 copies L-1-l (mirror, Cycle(rev))
+            return l if l < L // 2 else L - 1 - l
+        if self.kind == "roundrobin":  # sweep k: layer l takes action k mod (l+1) (l = train)
+            return sweep % (l + 1)
+        return 0  # universal: every layer copies layer 0
+
+    def update(self, *args):
+        return {}
+
+    def state_dict(self):
+        return dict(gen=self.gen.get_state())
+
+    def load_state_dict(self, d):
+        self.gen.set_state(d["gen"])
+
+
+def make_agent(cfg, seed):
+    if cfg.agent == "q":
+        return QAgent(cfg.n_layer, cfg, seed)
+    if cfg.agent == "reinforce":
+        return ReinforceAgent(cfg.n_layer, cfg, seed)
+    return None if cfg.agent == "none" else FixedAgent(cfg.n_layer, cfg.agent, seed)
+
+# -----------------------------------------------------------------------------
+# eval, reward, one LM step
+
+
+@torch.no_grad()
+def evaluate(model, arr, cfg, device, ctx, max_batches=0):
+    """Perplexity over the split (every target once, data.iter_eval_batches): exp(sum CE / n)."""
+    model.eval()
+    tot, n = 0.0, 0
+    for b, (x, y) in enumerate(data.iter_eval_batches(arr, cfg.eval_batch_size, cfg.block_size, device)):
+        if max_batches and b >= max_batches:
+            break
+        with ctx:
+            logits, _ = model(x)
+        tot += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum").item()
+        n += y.numel()
+    model.train()
+    return math.exp(tot / n), n
+
+
+@torch.no_grad()
+def batch_ce(model, x, y, ctx):
+    """CE of one batch in eval mode (dropout off), as official evaluate_on_samples."""
+    model.eval()
+    with ctx:
+        _, loss = model(x, y)
+    model.train()
+    return loss.item()
+
+
+def reward_from_ce(ce, cfg, ce_before=None, trainable_blocks=0):
+    """ALGO LOGIC (D6). Returns (reward, saturated). negppl_clip10 = clip(-exp(CE), -10, 10):
+    perplexity >= 1, so it saturates at -10 whenever the batch perplexity exceeds 10."""
+    if cfg.reward == "negppl_clip10":
+        raw = -math.exp(min(ce, 50.0))
+        r, sat = max(-cfg.reward_clip, min(cfg.reward_clip, raw)), abs(raw) > cfg.reward_clip
+    elif cfg.reward == "negloss":
+        r, sat = -ce, False
+    else:  # delta: CE on the same batch before minus after the action's steps
+        r, sat = ce_before - ce, False
+    return r - cfg.param_penalty * trainable_blocks / cfg.n_layer, sat
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def lm_step(model, opt, x, y, ctx, cfg, lr):
+    """Forward, backward, clip, AdamW step. Returns (loss, grad norm); raises on NaN/inf loss
+    before any weight changes, so the last checkpoint stays good."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with ctx:
+        _, loss = model(x, y)
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"loss is {loss.item()}")
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.grad_clip or float("inf"))
+    opt.step()
+    return loss.item(), norm
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def build(cfg, vocab_size, device):
+    torch.manual_seed(cfg.seed)
+    gcfg = GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
+                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    model = GPT(gcfg, tie_grad=cfg.tie_grad)
+    if cfg.agent != "none":  # the baseline ('none') trains every layer (D15)
+        set_initial_state(model, cfg.init_state)
+    model.to(device)
+    if cfg.pure_bf16:
+        model.to(torch.bfloat16)  # official: no fp32 master weights (D11)
+    return model, gcfg
+
+
+def save_ckpt(path, **kw):
+    tmp = str(path) + ".tmp"
+    torch.save(kw, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def check_resume_config(saved, cfg):
+    diff = sorted(k for k, v in asdict(cfg).items() if k not in RESUME_MAY_DIFFER and saved.get(k) != v)
+    if diff:
+        raise ValueError("refusing to resume: config differs from the checkpoint in " +
+                         ", ".join(f"{k} (ckpt {saved.get(k)!r}, now {getattr(cfg, k)!r})" for k in diff))
+
+
+def sweep(model, opt, agent, cfg, ep, eps, get, ctx, lr_fn, on_step, on_change=None, fwd=None):
+    """One episode. ALGO LOGIC: for l = 1..L-1: the agent acts on layer l (tie or train), the LM
+    takes steps_per_action steps, the reward comes from one fresh training batch in eval mode,
+    and the agent takes one TD / policy-gradient step. agent=None is the baseline: the same
+    number of LM steps, no actions. Returns the agent records (one per decision)."""
+    recs = []
+    for l in range(1, cfg.n_layer):
+        src = list(model.src)
+        a = l if agent is None else agent.act(src, l, eps, ep)
+        if agent is not None and model.apply_action(l, a, cfg.untie):
+            sync_optimizer(model, opt)
+            if on_change:
+                on_change()
+        rb = ce_before = None
+        if agent is not None and agent.learns and cfg.reward == "delta":
+            rb = get()  # delta: CE on this batch before and after the action's LM steps
+            ce_before = batch_ce(model, *rb, ctx)
+        for _ in range(cfg.steps_per_action):
+            loss, norm = lm_step(fwd or model, opt, *get(), ctx, cfg, lr_fn())
+            on_step(loss, norm)  # logging and memory, while the gradients still exist
+            opt.zero_grad(set_to_none=True)
+        if agent is not None and agent.learns:
+            ce = batch_ce(model, *(rb or get()), ctx)  # official: a fresh training batch, not held out
+            r, sat = reward_from_ce(ce, cfg, ce_before, sum(structure(model)["trains"]))
+            info = agent.update(src, l, a, r, list(model.src))
+            recs.append(dict(kind="agent", episode=ep, layer=l, action=a, reward=r, saturated=sat,
+                             eps=eps, **info))
+    return recs
+
+
+def train(cfg):
+    """Train with the agent (or the baseline), select on val, test once. Returns the summary."""
+    validate(cfg)
+    device = get_device(cfg.device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.set_float32_matmul_precision("high")
+    out, ck = Path(cfg.out_dir), None
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "ckpt.pt"
+    if cfg.resume:  # checked before any work, so a mismatch fails at start
+        if not ckpt_path.exists():
+            raise ValueError(f"--resume=True but there is no checkpoint at {ckpt_path}")
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        check_resume_config(ck["config"], cfg)
+    set_seed(cfg.seed)
+    meta = data.prepare_text(cfg.dataset, cfg.tokenizer, cfg.data_dir or data.DATA_DIR)
+    arr = {s: data.load_split(meta, s) for s in ("train", "val", "test")}
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    ctx = autocast_ctx(device, cfg)
+    model, gcfg = build(cfg, meta["vocab_size"], device)
+    agent = make_agent(cfg, cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # every training and reward batch comes from here
+    get = lambda: data.get_batch(arr["train"], cfg.batch_size, cfg.block_size, device, generator=gen)
+    L, tok = cfg.n_layer, cfg.batch_size * cfg.block_size
+    total = cfg.episodes * (L - 1) * cfg.steps_per_action
+    # run state besides weights, optimizer, agent and RNG (plain types: it goes into ckpt.pt)
+    S = dict(episode=0, step=0, eps=cfg.eps_start, best_val=float("inf"), best_test_official=float("inf"),
+             n_rewards=0, n_sat=0, train_time=0.0, train_tokens=0)
+    if ck is not None:
+        restore_structure(model, ck["extras"]["structure"])
+        model.load_state_dict(ck["model"])
+        model.to(device)
+    opt = make_optimizer(model, cfg, device)
+    if ck is not None:
+        ex = ck["extras"]
+        opt.load_state_dict(ck["optimizer"])
+        if agent is not None:
+            agent.load_state_dict(ex["agent"])
+        S = ex["S"]
+        gen.set_state(ex["gen"])
+        torch.set_rng_state(ex["torch_rng"])
+        if cuda and ex["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(ex["cuda_rng"])
+        with open(out / "log.jsonl") as f:  # drop log lines written after the checkpoint
+            lines = [l for l in f if json.loads(l)["step"] <= S["step"]]
+        (out / "log.jsonl").write_text("".join(lines))
+        print(f"resumed from {ckpt_path} at episode {S['episode']}, step {S['step']}")
+    elif (out / "log.jsonl").exists():
+        (out / "log.jsonl").unlink()
+    log_f = open(out / "log.jsonl", "a")
+    log = lambda rec: (log_f.write(json.dumps({"step": S["step"], **rec}) + "\n"), log_f.flush())
+    print(f"device {device} | {L} layers x {cfg.n_embd} | agent {cfg.agent} | {model.num_params() / 1e6:.2f}M "
+          f"params stored, {model.num_params(True) / 1e6:.2f}M trainable | {total} LM steps")
+    fl = peak_flops(cfg) if cuda else None
+    M = dict(steady=None, counted=None, peak=None, last_map=model.tie_map(), loss=None)
+    times, t_start = [], time.time()
+
+    def on_step(loss, norm):
+        # D13: steady state right after a step (weights + grads + AdamW state): counted tensor by
+        # tensor on every device, and torch.cuda.memory_allocated (official style) on CUDA
+        M.update(counted=state_bytes(model, opt), loss=loss)
+        M["steady"] = torch.cuda.memory_allocated() if cuda else None
+        S["step"] += 1
+        times.append(time.time())
+        if S["step"] % cfg.log_interval == 0 or S["step"] == total:
+            w = times[-21:]
+            ms = 1000 * (w[-1] - w[0]) / max(1, len(w) - 1)  # wall time per step, agent included
+            tps = tok / max(ms, 1e-6) * 1000
+            mfu = f" | mfu {100 * model.flops_per_token(cfg.block_size) * tps / fl:.1f}%" if fl else ""
+            print(f"step {S['step']:6d}/{total} | loss {loss:.4f} | lr {get_lr(S['step'], total, cfg):.1e} | "
+                  f"{ms:.1f} ms/step | {tps / 1e3:.1f}k tok/s{mfu} | eta {ms * (total - S['step']) / 6e4:.1f}m")
+            log(dict(kind="train", loss=loss, grad_norm=float(norm), ms_per_step=ms))
+
+    def on_change():  # one line whenever the tie map changes
+        tm = model.tie_map()
+        if tm != M["last_map"]:
+            M["last_map"] = tm
+            print(f"ties: {tm} | unique layers {len(set(tm))}/{L} | trainable {model.num_params(True) / 1e6:.2f}M")
+
+    for ep in range(S["episode"], cfg.episodes):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t_ep = time.time()
+        try:
+            recs = sweep(model, opt, agent, cfg, ep, S["eps"], get, ctx,
+                         lambda: get_lr(S["step"], total, cfg), on_step, on_change)
+        except NonFiniteLoss as e:
+            raise NonFiniteLoss(f"{e} at step {S['step']}: stopping; the last good checkpoint is "
+                                f"{ckpt_path if ckpt_path.exists() else '(none yet)'}") from None
+        for r in recs:
+            log(r)
+        S["eps"] = max(cfg.eps_min, S["eps"] * cfg.eps_decay)  # D9: decay once per sweep
+        S["train_time"] += time.time() - t_ep
+        S["train_tokens"] += (L - 1) * cfg.steps_per_action * tok
+        S["n_rewards"] += len(recs)
+        S["n_sat"] += sum(r["saturated"] for r in recs)
+        if cuda:
+            M["peak"] = max(M["peak"] or 0, torch.cuda.max_memory_allocated())
+        st, tm = structure(model), model.tie_map()
+        rec = dict(kind="episode", episode=ep + 1, eps=S["eps"], tie_map=tm, src=st["src"],
+                   unique_layers=len(set(tm)), trainable_blocks=sum(st["trains"]),
+                   trainable_params=model.num_params(True), steady_mem_bytes=M["steady"],
+                   counted_mem_bytes=M["counted"], peak_mem_bytes=M["peak"], train_loss=M["loss"],
+                   mean_reward=sum(r["reward"] for r in recs) / len(recs) if recs else None,
+                   reward_saturated_frac=S["n_sat"] / S["n_rewards"] if S["n_rewards"] else None)
+        if (ep + 1) % cfg.eval_interval == 0 or ep + 1 == cfg.episodes:
+            val_ppl, _ = evaluate(model, arr["val"], cfg, device, ctx, cfg.eval_max_batches)
+            test_ppl, _ = evaluate(model, arr["test"], cfg, device, ctx, cfg.eval_max_batches)
+            S["best_test_official"] = min(S["best_test_official"], test_ppl)  # official: selects on test
+            rec.update(val_ppl=val_ppl, test_ppl=test_ppl, best_test_official=S["best_test_official"])
+            print(f"episode {ep + 1}/{cfg.episodes}: val ppl {val_ppl:.2f} | test ppl {test_ppl:.2f} "
+                  f"(official best-test-so-far {S['best_test_official']:.2f}) | eps {S['eps']:.3f}")
+            if val_ppl < S["best_val"]:  # D14: model selection on validation
+                S["best_val"] = val_ppl
+                save_ckpt(out / "best.pt", model=model.state_dict(), extras=dict(structure=st), episode=ep + 1)
+        log(rec)
+        S["episode"] = ep + 1
+        save_ckpt(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(), model_args=asdict(gcfg),
+                  step=S["step"], best_val_loss=S["best_val"], config=asdict(cfg),
+                  extras=dict(structure=st, agent=agent.state_dict() if agent else None, S=S,
+                              gen=gen.get_state(), torch_rng=torch.get_rng_state(),
+                              cuda_rng=torch.cuda.get_rng_state() if cuda else None))
+    log_f.close()
+    # final: the selected (best-val) checkpoint, evaluated once on the whole val and test split
+    final_map = model.tie_map()
+    sel = torch.load(out / "best.pt", map_location=device, weights_only=True)
+    restore_structure(model, sel["extras"]["structure"])
+    model.load_state_dict(sel["model"])
+    model.to(device)
+    val_ppl, n_val = evaluate(model, arr["val"], cfg, device, ctx)
+    test_ppl, n_test = evaluate(model, arr["test"], cfg, device, ctx)
+    tm, tps = model.tie_map(), S["train_tokens"] / max(S["train_time"], 1e-9)
+    per_block = sum(p.numel() for p in model.transformer.h[0].parameters())
+    summary = dict(  # parameters: the selected model; memory: the last training step (final_tie_map)
+        agent=cfg.agent, val_ppl=val_ppl, test_ppl=test_ppl, selected_episode=sel["episode"],
+        best_test_ppl_official=S["best_test_official"], n_layer=L, unique_layers=len(set(tm)),
+        tie_map=tm, src=list(model.src), final_tie_map=final_map, total_params=model.num_params(),
+        effective_params=model.num_params() - model.num_params(blocks_only=True) + L * per_block,
+        trainable_params=model.num_params(True), trainable_block_params=model.num_params(True, True),
+        steady_mem_bytes=M["steady"] if cuda else M["counted"], steady_mem_source=(
+            "cuda.memory_allocated after a step" if cuda else "counted tensors: params + grads + AdamW state"),
+        counted_mem_bytes=M["counted"], peak_mem_bytes=M["peak"], tokens_per_s=tps,
+        mfu=model.flops_per_token(cfg.block_size) * tps / fl if fl else None,
+        reward_saturated_frac=S["n_sat"] / S["n_rewards"] if S["n_rewards"] else None,
+        eval_tokens=dict(val=n_val, test=n_test), steps=S["step"], train_time_s=S["train_time"],
+        wall_s=time.time() - t_start, device=device)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if cfg.plot:
+        save_plots(out, cfg)
+    return summary
+
+# -----------------------------------------------------------------------------
+# benchmark: tokens/s and MFU of the baseline vs a dynamic-tying step (agent + reward included)
+
+
+def bench(cfg):
+    """Baseline vs dynamic tying at the --n_layer/--n_embd/--block_size/--batch_size shape
+    (main sets GPT-2 small: 12 x 768, T 1024, B 12, vocab 50304 as nanoGPT's bench.py).
+    Synthetic tokens, no data. Each figure is one whole episode of the training loop (sweep):
+    for tying that includes the actions, reward batches and TD updates; per LM step."""
+    device = get_device(cfg.device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.set_float32_matmul_precision("high")
+    ctx, fl = autocast_ctx(device, cfg), peak_flops(cfg) if cuda else None
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    get = lambda: torch.randint(50304, (2, cfg.batch_size, cfg.block_size), generator=gen).to(device)
+    res = {}
+    for name in ("baseline", "tying"):
+        c = Config(**{**asdict(cfg), "agent": "none" if name == "baseline" else "q", "dropout": 0.0})
+        model, _ = build(c, 50304, device)
+        opt, agent, fwd = make_optimizer(model, c, device), make_agent(c, c.seed), model
+        if cfg.compile and agent is None:  # static tie map: compile the whole model
+            fwd = torch.compile(model)
+        compile_blocks = lambda: [b.compile() for b in model.transformer.h  # changing tie map:
+                                  if isinstance(b, Block) and b._compiled_call_impl is None]  # per block
+        if cfg.compile and agent is not None:
+            compile_blocks()
+        run = lambda eps: sweep(model, opt, agent, c, 0, eps, get, ctx, lambda: c.lr, lambda *a: None,
+                                compile_blocks if cfg.compile else None, fwd)
+        run(1.0)  # warm-up (and compilation); for tying a random sweep, as early in training
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t0 = time.time()
+        for _ in range(cfg.bench_steps):
+            run(0.5)
+        sync()
+        dt = (time.time() - t0) / (cfg.bench_steps * (c.n_layer - 1) * c.steps_per_action)
+        tps = cfg.batch_size * cfg.block_size / dt
+        mfu = model.flops_per_token(cfg.block_size) * tps / fl if fl else None
+        with torch.no_grad():  # compiled and eager forward must agree
+            model.eval()
+            x = get()[0]
+            with ctx:
+                out_c = fwd(x)[0].float()
+                impl = {b: b._compiled_call_impl for b in model.transformer.h}
+                for b in impl:
+                    b._compiled_call_impl = None
+                diff = (out_c - model(x)[0].float()).abs().max().item()
+                for b, f in impl.items():
+                    b._compiled_call_impl = f
+        res[name] = dict(ms_per_step=1000 * dt, tokens_per_s=tps, mfu=mfu, tie_map=model.tie_map(),
+                         trainable_params=model.num_params(True), compile_max_abs_diff=diff,
+                         counted_mem_bytes=state_bytes(model, opt),
+                         peak_mem_bytes=torch.cuda.max_memory_allocated() if cuda else None)
+        print(f"{name:8s} | compile {cfg.compile} | {1000 * dt:.1f} ms/step | {tps / 1e3:.1f}k tok/s | mfu "
+              f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | unique layers {len(set(model.tie_map()))} "
+              f"| compiled-vs-eager max|diff| {diff:.2e}")
+        del model, opt, fwd
+    res["cost_ratio"] = res["tying"]["ms_per_step"] / res["baseline"]["ms_per_step"]
+    print(f"dynamic-tying step costs {res['cost_ratio']:.2f}x a baseline step (target <= 1.15)")
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out_dir) / "bench.json").write_text(json.dumps(dict(config=asdict(cfg), **res), indent=1))
+    return res
+
+# -----------------------------------------------------------------------------
+# plots
+
+
+def save_plots(out, cfg):
+    """Four PNGs from log.jsonl: tie map heat map, perplexity, params + memory, reward + eps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recs = [json.loads(l) for l in open(out / "log.jsonl")]
+    E, tr, ag = ([r for r in recs if r["kind"] == k] for k in ("episode", "train", "agent"))
+    title = f"{cfg.agent} | {cfg.n_layer}x{cfg.n_embd} | {cfg.dataset}"
+
+    def new(xlabel, ylabel, w=6):
+        fig, ax = plt.subplots(figsize=(w, 3.5))
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        return fig, ax
+
+    def done(fig, name):
+        fig.savefig(out / name, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    # 1. tie map: layer x episode, colour = the root layer whose weights run there
+    fig, ax = new("episode (sweep)", "layer", 7)
+    im = ax.imshow(torch.tensor([r["tie_map"] for r in E]).T.numpy(), aspect="auto", origin="lower",
+                   cmap="viridis", interpolation="nearest", vmin=0, vmax=cfg.n_layer - 1,
+                   extent=(0.5, len(E) + 0.5, -0.5, cfg.n_layer - 0.5))
+    fig.colorbar(im, ax=ax, label="root layer (weights used)")
+    done(fig, "tie_map.png")
+    # 2. perplexity: train batches, val and test
+    fig, ax = new("LM step", "perplexity")
+    ax.plot([r["step"] for r in tr], [math.exp(min(r["loss"], 20)) for r in tr], label="train batch", alpha=0.6)
+    ev = [r for r in E if "val_ppl" in r]
+    ax.plot([r["step"] for r in ev], [r["val_ppl"] for r in ev], "o-", label="val")
+    ax.plot([r["step"] for r in ev], [r["test_ppl"] for r in ev], "s--", label="test")
+    ax.set_yscale("log")
+    ax.legend()
+    done(fig, "ppl.png")
+    # 3. trainable parameters and steady-state memory per episode
+    fig, ax = new("episode", "trainable params (M)")
+    ax.plot([r["episode"] for r in E], [r["trainable_params"] / 1e6 for r in E], "b-")
+    key = "steady_mem_bytes" if E and E[0]["steady_mem_bytes"] else "counted_mem_bytes"
+    ax2 = ax.twinx()
+    ax2.plot([r["episode"] for r in E], [(r[key] or 0) / 2 ** 20 for r in E], "r--")
+    ax2.set_ylabel(f"{key} (MiB, dashed)")
+    done(fig, "params_mem.png")
+    # 4. reward and epsilon per agent step
+    if ag:
+        fig, ax = new("agent step", "reward (dots)")
+        ax.plot([r["reward"] for r in ag], ".", ms=2)
+        ax2 = ax.twinx()
+        ax2.plot([r["eps"] for r in ag], "k-")
+        ax2.set_ylabel("epsilon (line)")
+        done(fig, "agent.png")
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    try:
+        cfg = parse_config(argv)
+        print("config:", json.dumps(asdict(cfg)))
+        res = bench(cfg) if cfg.mode == "bench" else train(cfg)
+    except (ValueError, NonFiniteLoss, data.DataError) as e:
+        sys.exit(f"tying_rl: error: {e}")
+    if cfg.mode == "train":
+        keys = ("val_ppl", "test_ppl", "unique_layers", "total_params", "trainable_params",
+                "trainable_block_params", "steady_mem_bytes", "peak_mem_bytes", "tokens_per_s", "mfu")
+        print("| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {res[k]} |" for k in keys))
+        print(f"outputs in {cfg.out_dir}: summary.json, log.jsonl, ckpt.pt, *.png")
+    return res
+
+
+if __name__ == "__main__":
+    main()
