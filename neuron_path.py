@@ -515,45 +515,48 @@ def class_similarity(paths, y, n_class, H):
     return freq, flat @ flat.T
 
 
-def pruning_eval(model, X, Y, cfg, device, gen, log):
+def pruning_eval(model, X, Y, cfg, device, gen, log, paths1=None):
     """Per class: fit the K most frequent neurons per layer (the 'mode path') of the top-K greedy paths on
     fit_frac of the class's images; on the rest, zero a random fraction of the OTHER CLS neurons in every
-    layer; compare with keeping K random neurons per layer. Returns rows of dicts."""
+    layer; compare with keeping K random neurons per layer (same pruning masks). paths1 (N, L): top-1 paths
+    already found for X (reused for K = 1). Returns rows of dicts."""
     L, H = cfg.n_layer, cfg.mlp_ratio * cfg.n_embd
     rows = []
     classes = [c for c in sorted(set(Y.tolist())) if (Y == c).sum() >= 2]  # needs a fit and a held-out image
-    fit_idx, test_idx = [], []
+    fit_idx, test_idx = {}, {}
     for c in classes:
         idx = np.flatnonzero(Y.numpy() == c)
         n_fit = min(len(idx) - 1, max(1, int(round(cfg.fit_frac * len(idx)))))  # keep >= 1 held-out image
-        fit_idx.append(idx[:n_fit]), test_idx.append(idx[n_fit:])
+        fit_idx[c], test_idx[c] = idx[:n_fit], idx[n_fit:]
     for K in ks(cfg.topk):
         t0 = time.time()
-        fit_paths = {}  # class -> (n_fit, L, K)
-        for c, idx in zip(classes, fit_idx):
-            outs = [greedy_path(model, normalise(X[b].to(device), cfg), Y[b].to(device), cfg, k=K).cpu()
-                    for b in np.array_split(idx, max(1, math.ceil(len(idx) / cfg.path_batch)))]
-            fit_paths[c] = torch.cat(outs)
-        keep_path, keep_rand = {}, {}
-        for c in classes:  # the mode: the K neurons that occur most often in layer l over the fit images
-            # (the official code takes an element-wise mode per (layer, rank) slot, which can repeat a neuron)
-            cnt = torch.stack([torch.bincount(fit_paths[c][:, l].flatten(), minlength=H) for l in range(L)])
-            keep_path[c] = cnt.topk(K, dim=1).indices  # (L, K)
-            keep_rand[c] = torch.rand(L, H, generator=gen).argsort(1)[:, :K]  # control: K random per layer
+        keep = {"path": {}, "control": {}}  # kind -> class -> (L, K) neurons kept
+        for c in classes:
+            idx = fit_idx[c]
+            if K == 1 and paths1 is not None:
+                fit = torch.as_tensor(paths1[idx])[:, :, None]  # (n_fit, L, 1)
+            else:
+                fit = torch.cat([greedy_path(model, normalise(X[b].to(device), cfg), Y[b].to(device), cfg, k=K).cpu()
+                                 for b in np.array_split(idx, max(1, math.ceil(len(idx) / cfg.path_batch)))])
+            # the mode: the K neurons that occur most often in layer l over the fit images (the official code
+            # takes an element-wise mode per (layer, rank) slot, which can repeat a neuron)
+            cnt = torch.stack([torch.bincount(fit[:, l].flatten(), minlength=H) for l in range(L)])  # (L, H)
+            keep["path"][c] = cnt.topk(K, dim=1).indices  # (L, K)
+            keep["control"][c] = torch.rand(L, H, generator=gen).argsort(1)[:, :K]  # K random per layer
         for frac in [0.0] + fracs(cfg.prune_fracs):
-            for kind, keep in (("path", keep_path), ("control", keep_rand)):
-                ps, acc = [], []
-                for c, idx in zip(classes, test_idx):
-                    if len(idx) == 0:
-                        continue
-                    x, yy = normalise(X[idx].to(device), cfg), Y[idx].to(device)
-                    kp = {l: torch.zeros(len(idx), H, dtype=torch.bool).index_fill_(1, keep[c][l], True).to(device)
-                          for l in range(L)}
-                    prune = {l: (torch.rand(len(idx), H, generator=gen) < frac).to(device) for l in range(L)}
+            res = {"path": ([], []), "control": ([], [])}
+            for c in classes:
+                idx = test_idx[c]
+                x, yy = normalise(X[idx].to(device), cfg), Y[idx].to(device)
+                prune = {l: (torch.rand(len(idx), H, generator=gen) < frac).to(device) for l in range(L)}
+                for kind in res:  # the same random pruning masks for the path and the control
+                    kp = {l: torch.zeros(len(idx), H, dtype=torch.bool).index_fill_(1, keep[kind][c][l], True)
+                          .to(device) for l in range(L)}
                     p, pred = edited_probs(model, x, yy, prune, keep=kp)
-                    ps.append(p.cpu()), acc.append((pred == yy).float().cpu())
-                ps, acc = torch.cat(ps), torch.cat(acc)
-                rows.append(dict(K=K, fraction=frac, kind=kind, prob=ps.mean().item(), acc=acc.mean().item()))
+                    res[kind][0].append(p.cpu()), res[kind][1].append((pred == yy).float().cpu())
+            for kind, (ps, acc) in res.items():
+                rows.append(dict(K=K, fraction=frac, kind=kind, prob=torch.cat(ps).mean().item(),
+                                 acc=torch.cat(acc).mean().item()))
         row = {r["kind"]: r for r in rows if r["K"] == K and r["fraction"] == fracs(cfg.prune_fracs)[-1]}
         print(f"prune K={K:3d} | {time.time() - t0:5.1f} s | frac {fracs(cfg.prune_fracs)[-1]:.1f}: "
               f"p(path) {row['path']['prob']:.3f}  p(control) {row['control']['prob']:.3f}")
@@ -720,7 +723,7 @@ def save_plots(res, cfg, classes, X_show, history):
     H = cfg.mlp_ratio * cfg.n_embd
     for ax, c in zip(axs[0], show):
         sel = res["paths"]["greedy"][res["y"] == c] / H  # (n_c, L) normalised neuron position
-        ax.violinplot([sel[:, l] for l in range(sel.shape[1])], showextrema=False)
+        ax.violinplot([sel[:, l] for l in range(sel.shape[1])], positions=range(sel.shape[1]), showextrema=False)
         ax.set(title=classes[c], xlabel="layer")
     axs[0][0].set_ylabel("neuron index / H")
     save(fig, "class_violin.png")
@@ -929,7 +932,7 @@ def main(cfg):
     closest = [dict(a=a, b=b, cos=float(s)) for s, a, b in sorted(off, reverse=True)[:5]]
     np.save(os.path.join(cfg.out_dir, "class_freq.npy"), freq)
     # evaluation 4: pruning
-    pruning = pruning_eval(model, X, Y, cfg, device, gen, log)
+    pruning = pruning_eval(model, X, Y, cfg, device, gen, log, paths1=P["greedy"])
     summary = dict(clean_acc=clean_acc, n_images=len(X), subset_acc=float(acc_orig.mean()), methods=methods,
                    pruning=pruning, closest_classes=closest, wall_s=time.time() - t_start)
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:

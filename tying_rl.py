@@ -8,7 +8,7 @@ Q-network looks at the vector src and, sweeping over layers 1..L-1, picks for la
 "train independently" or "copy layer k < l" (epsilon-greedy). After each action the LM trains a
 few steps; the reward is minus the perplexity of one fresh training batch, clipped to [-10, 10].
 A tied position holds no weights, gradients or AdamW state, so memory and trainable parameters
-fall while the depth stays L. Exact algorithm and decisions D1-D18: shared/papers/tying_rl.md.
+fall while the depth stays L. Exact algorithm: the official code; decisions D1-D18: see the README.
 
 Sections: config -> utilities -> GPT with tie map -> agents -> eval / reward -> train -> bench
 -> plots -> main.  Dimension letters: B batch, T time, C channels (n_embd), nh heads, hs head
@@ -82,7 +82,6 @@ class Config:
     reward_clip: float = 10.0      # clip for negppl_clip10
     param_penalty: float = 0.0     # D6: reward -= param_penalty * trainable_blocks / L
     td_next_layer: bool = False    # D7: bootstrap from layer l+1's block (official: same layer)
-    q_input: str = "raw"           # D10: raw (official) | norm (divide by L)
     entropy_coef: float = 0.01     # reinforce: entropy bonus
     baseline_beta: float = 0.9     # reinforce: moving-average reward baseline per layer
     tie_grad: str = "detached"     # D1: detached (official, copy sends no grad) | shared (ALBERT)
@@ -112,7 +111,7 @@ BENCH = dict(n_layer=12, n_embd=768, n_head=12, block_size=1024, batch_size=12, 
 AGENTS = ("q", "reinforce", "random", "sequence", "rev", "roundrobin", "universal", "none")
 CHOICES = dict(preset=tuple(PRESETS), agent=AGENTS, reward=("negppl_clip10", "negloss", "delta"),
                tie_grad=("detached", "shared"), untie=("clone", "alias"), mode=("train", "bench"),
-               init_state=("tied", "untied", "official"), q_input=("raw", "norm"),
+               init_state=("tied", "untied", "official"),
                tokenizer=("gpt2", "char"))
 DATASETS = ("ptb", "wikitext2", "wikitext103", "shakespeare")
 RESUME_MAY_DIFFER = {"resume", "episodes", "plot", "device", "out_dir", "compile", "log_interval",
@@ -136,13 +135,13 @@ def validate(cfg):
 
 def parse_config(argv=None):
     """--key=value flags from the Config fields; a --preset's values sit under explicit flags."""
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    import argparse, inspect, re
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    notes = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # field comments
     to_bool = lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()]
     for f in fields(Config):
         p.add_argument(f"--{f.name}", type=to_bool if f.type in (bool, "bool") else type(f.default),
-                       default=None, help=f"default {f.default!r}")
+                       default=None, help=f"{notes.get(f.name, '')} (default {f.default!r})".replace("%", "%%"))
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = given.get("preset", "default")
     if preset not in PRESETS:
@@ -157,11 +156,9 @@ def parse_config(argv=None):
 
 
 def get_device(pref="auto"):
-    if pref != "auto":
-        return pref
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+    if pref == "auto":  # cuda -> mps -> cpu
+        pref = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return pref
 
 
 def autocast_ctx(device, cfg):
@@ -210,25 +207,12 @@ class GPTConfig:
     bias: bool = True
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (nanoGPT)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout = config.n_head, config.dropout
 
@@ -256,9 +240,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x):
@@ -271,10 +255,7 @@ class Tied(nn.Module):
     Design: transformer.h stays a ModuleList of length L (so the untied model has exactly
     nanoGPT's keys); a tied position's Block is *replaced* by this empty module, so its tensors
     are freed for real, and GPT.forward runs the root's Block there. The tie itself is data:
-    the list GPT.src, printed and logged, never hidden in module surgery."""
-
-    def forward(self, x):
-        raise RuntimeError("a Tied placeholder never runs; GPT.forward runs the root block")
+    the list GPT.src, printed and logged, never hidden in module surgery. It has no forward."""
 
 
 def empty_block(config, like):
@@ -293,7 +274,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias)))
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias)))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (nanoGPT)
         self.apply(self._init_weights)
@@ -303,12 +284,10 @@ class GPT(nn.Module):
         self.src = list(range(config.n_layer))  # src[i] = i: trainable; src[i] = j < i: copies j
 
     def _init_weights(self, m):
-        if isinstance(m, nn.Linear):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     # ALGO LOGIC: tie map. D3: chains resolve at forward time: follow src until a position that
     # owns a Block. Cycles are impossible because src[i] < i for every tied position.
@@ -357,7 +336,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         """idx (B, T) -> (logits (B, T, V), mean CE or None). Unlike nanoGPT, logits are returned
-        for every position also when targets is None (generate uses the last one)."""
+        for every position also when targets is None.
+        EXERCISE: add nanoGPT's generate() and sample from the selected checkpoint."""
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence {T} > block_size {self.config.block_size}"
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
@@ -380,17 +360,6 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :] / temperature  # (B, V)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)
-        return idx
-
     # -- counting (D18): unique storages, so aliased tensors count once --------------------
     def num_params(self, trainable_only=False, blocks_only=False):
         mods = [b for b in self.transformer.h if isinstance(b, Block)] if blocks_only else [self]
@@ -407,11 +376,8 @@ class GPT(nn.Module):
         positions and frozen blocks (no weight-gradient matmul), every position counted (effective
         depth) + attention 12*L*C*T; position embeddings excluded."""
         per_block = sum(p.numel() for p in self.transformer.h[0].parameters())  # layer 0 always owns
-        n = 0
-        for i, blk in enumerate(self.transformer.h):
-            trains = isinstance(blk, Block) and blk.ln_1.weight.requires_grad
-            n += per_block * (6 if trains or self.tie_grad == "shared" else 4)
-        n += 6 * (self.lm_head.weight.numel() + self.transformer.ln_f.weight.numel())
+        grads = [self.tie_grad == "shared" or s for s in structure(self)["trains"]]
+        n = sum(per_block * (6 if g else 4) for g in grads) + 6 * self.lm_head.weight.numel()
         return n + 12 * self.config.n_layer * self.config.n_embd * T
 
 
@@ -512,7 +478,8 @@ def td_target(reward, q_next_block, gamma):
 
 class QAgent:
     """Online deep Q-learning exactly as the official code: one MSE step per transition, no
-    replay buffer, no target network (D8), AdamW lr 1e-3 wd 0.01, epsilon-greedy per layer."""
+    replay buffer, no target network (D8), AdamW lr 1e-3 wd 0.01, epsilon-greedy per layer.
+    EXERCISE: add cleanrl's replay buffer and target network (D8); does the Q-loss settle?"""
     learns = True
 
     def __init__(self, n_layer, cfg, seed):
@@ -524,8 +491,7 @@ class QAgent:
         self.baseline = [None] * n_layer  # reinforce only: moving-average reward per layer
 
     def encode(self, src):
-        s = torch.tensor(src, dtype=torch.float32)  # D10: raw layer indices (official)
-        return s / self.L if self.cfg.q_input == "norm" else s
+        return torch.tensor(src, dtype=torch.float32)  # D10: raw layer indices, as official
 
     def act(self, src, l, eps, sweep):
         # ALGO LOGIC: epsilon-greedy on layer l's block. Uniform exploration picks "train" with
@@ -599,6 +565,7 @@ class FixedAgent:
         if self.kind == "roundrobin":  # sweep k: layer l takes action k mod (l+1) (l = train)
             return sweep % (l + 1)
         return 0  # universal: every layer copies layer 0
+        # EXERCISE: add a 'cycle' pattern (layer l copies l mod k, Takase & Kiyono's Cycle).
 
     def update(self, *args):
         return {}
@@ -657,6 +624,7 @@ def reward_from_ce(ce, cfg, ce_before=None, trainable_blocks=0):
         r, sat = -ce, False
     else:  # delta: CE on the same batch before minus after the action's steps
         r, sat = ce_before - ce, False
+    # EXERCISE: add a memory term (bytes of trainable state) and see if the agent ties more.
     return r - cfg.param_penalty * trainable_blocks / cfg.n_layer, sat
 
 
@@ -697,9 +665,8 @@ def build(cfg, vocab_size, device):
 
 
 def save_ckpt(path, **kw):
-    tmp = str(path) + ".tmp"
-    torch.save(kw, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+    torch.save(kw, str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
 
 
 def check_resume_config(saved, cfg):
@@ -711,12 +678,11 @@ def check_resume_config(saved, cfg):
 
 def sweep(model, opt, agent, cfg, ep, eps, get, ctx, lr_fn, on_step, on_change=None, fwd=None):
     """One episode. ALGO LOGIC: for l = 1..L-1: the agent acts on layer l (tie or train), the LM
-    takes steps_per_action steps, the reward comes from one fresh training batch in eval mode,
-    and the agent takes one TD / policy-gradient step. agent=None is the baseline: the same
-    number of LM steps, no actions. Returns the agent records (one per decision)."""
+    takes steps_per_action steps, the reward comes from one fresh training batch in eval mode, the
+    agent takes one TD / policy-gradient step. agent=None (baseline): same LM steps, no actions."""
     recs = []
     for l in range(1, cfg.n_layer):
-        src = list(model.src)
+        src = list(model.src)  # EXERCISE: let the agent pick all L-1 actions at once instead
         a = l if agent is None else agent.act(src, l, eps, ep)
         if agent is not None and model.apply_action(l, a, cfg.untie):
             sync_optimizer(model, opt)
@@ -731,7 +697,7 @@ def sweep(model, opt, agent, cfg, ep, eps, get, ctx, lr_fn, on_step, on_change=N
             on_step(loss, norm)  # logging and memory, while the gradients still exist
             opt.zero_grad(set_to_none=True)
         if agent is not None and agent.learns:
-            ce = batch_ce(model, *(rb or get()), ctx)  # official: a fresh training batch, not held out
+            ce = batch_ce(model, *(get() if rb is None else rb), ctx)  # official: fresh train batch
             r, sat = reward_from_ce(ce, cfg, ce_before, sum(structure(model)["trains"]))
             info = agent.update(src, l, a, r, list(model.src))
             recs.append(dict(kind="agent", episode=ep, layer=l, action=a, reward=r, saturated=sat,
@@ -794,7 +760,7 @@ def train(cfg):
     print(f"device {device} | {L} layers x {cfg.n_embd} | agent {cfg.agent} | {model.num_params() / 1e6:.2f}M "
           f"params stored, {model.num_params(True) / 1e6:.2f}M trainable | {total} LM steps")
     fl = peak_flops(cfg) if cuda else None
-    M = dict(steady=None, counted=None, peak=None, last_map=model.tie_map(), loss=None)
+    M = dict(steady=None, counted=None, peak=None, peak_run=None, last_map=model.tie_map(), loss=None)
     times, t_start = [], time.time()
 
     def on_step(loss, norm):
@@ -836,8 +802,9 @@ def train(cfg):
         S["train_tokens"] += (L - 1) * cfg.steps_per_action * tok
         S["n_rewards"] += len(recs)
         S["n_sat"] += sum(r["saturated"] for r in recs)
-        if cuda:
-            M["peak"] = max(M["peak"] or 0, torch.cuda.max_memory_allocated())
+        if cuda:  # peak of this episode (activations included), and of the whole run
+            M["peak"] = torch.cuda.max_memory_allocated()
+            M["peak_run"] = max(M["peak_run"] or 0, M["peak"])
         st, tm = structure(model), model.tie_map()
         rec = dict(kind="episode", episode=ep + 1, eps=S["eps"], tie_map=tm, src=st["src"],
                    unique_layers=len(set(tm)), trainable_blocks=sum(st["trains"]),
@@ -845,13 +812,15 @@ def train(cfg):
                    counted_mem_bytes=M["counted"], peak_mem_bytes=M["peak"], train_loss=M["loss"],
                    mean_reward=sum(r["reward"] for r in recs) / len(recs) if recs else None,
                    reward_saturated_frac=S["n_sat"] / S["n_rewards"] if S["n_rewards"] else None)
+        rw = "" if not recs else f" | mean reward {rec['mean_reward']:.3f} | saturated {100 * S['n_sat'] / S['n_rewards']:.0f}%"
+        print(f"episode {ep + 1}/{cfg.episodes} | eps {S['eps']:.3f}{rw} | unique layers {rec['unique_layers']}/{L}")
         if (ep + 1) % cfg.eval_interval == 0 or ep + 1 == cfg.episodes:
             val_ppl, _ = evaluate(model, arr["val"], cfg, device, ctx, cfg.eval_max_batches)
             test_ppl, _ = evaluate(model, arr["test"], cfg, device, ctx, cfg.eval_max_batches)
             S["best_test_official"] = min(S["best_test_official"], test_ppl)  # official: selects on test
             rec.update(val_ppl=val_ppl, test_ppl=test_ppl, best_test_official=S["best_test_official"])
-            print(f"episode {ep + 1}/{cfg.episodes}: val ppl {val_ppl:.2f} | test ppl {test_ppl:.2f} "
-                  f"(official best-test-so-far {S['best_test_official']:.2f}) | eps {S['eps']:.3f}")
+            print(f"episode {ep + 1}: val ppl {val_ppl:.2f} | test ppl {test_ppl:.2f} "
+                  f"(official best-test-so-far {S['best_test_official']:.2f})")
             if val_ppl < S["best_val"]:  # D14: model selection on validation
                 S["best_val"] = val_ppl
                 save_ckpt(out / "best.pt", model=model.state_dict(), extras=dict(structure=st), episode=ep + 1)
@@ -881,7 +850,8 @@ def train(cfg):
         trainable_params=model.num_params(True), trainable_block_params=model.num_params(True, True),
         steady_mem_bytes=M["steady"] if cuda else M["counted"], steady_mem_source=(
             "cuda.memory_allocated after a step" if cuda else "counted tensors: params + grads + AdamW state"),
-        counted_mem_bytes=M["counted"], peak_mem_bytes=M["peak"], tokens_per_s=tps,
+        counted_mem_bytes=M["counted"], peak_mem_bytes=M["peak"], peak_mem_bytes_run=M["peak_run"],
+        tokens_per_s=tps,
         mfu=model.flops_per_token(cfg.block_size) * tps / fl if fl else None,
         reward_saturated_frac=S["n_sat"] / S["n_rewards"] if S["n_rewards"] else None,
         eval_tokens=dict(val=n_val, test=n_test), steps=S["step"], train_time_s=S["train_time"],
@@ -906,12 +876,12 @@ def bench(cfg):
         torch.set_float32_matmul_precision("high")
     ctx, fl = autocast_ctx(device, cfg), peak_flops(cfg) if cuda else None
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    get = lambda: torch.randint(50304, (2, cfg.batch_size, cfg.block_size), generator=gen).to(device)
+    gen, V = torch.Generator().manual_seed(cfg.seed), 512 if cfg.preset == "tiny" else 50304  # tiny: CPU
+    get = lambda: torch.randint(V, (2, cfg.batch_size, cfg.block_size), generator=gen).to(device)
     res = {}
     for name in ("baseline", "tying"):
         c = Config(**{**asdict(cfg), "agent": "none" if name == "baseline" else "q", "dropout": 0.0})
-        model, _ = build(c, 50304, device)
+        model, _ = build(c, V, device)
         opt, agent, fwd = make_optimizer(model, c, device), make_agent(c, c.seed), model
         if cfg.compile and agent is None:  # static tie map: compile the whole model
             fwd = torch.compile(model)
@@ -932,17 +902,12 @@ def bench(cfg):
         dt = (time.time() - t0) / (cfg.bench_steps * (c.n_layer - 1) * c.steps_per_action)
         tps = cfg.batch_size * cfg.block_size / dt
         mfu = model.flops_per_token(cfg.block_size) * tps / fl if fl else None
-        with torch.no_grad():  # compiled and eager forward must agree
-            model.eval()
-            x = get()[0]
-            with ctx:
-                out_c = fwd(x)[0].float()
-                impl = {b: b._compiled_call_impl for b in model.transformer.h}
-                for b in impl:
-                    b._compiled_call_impl = None
-                diff = (out_c - model(x)[0].float()).abs().max().item()
-                for b, f in impl.items():
-                    b._compiled_call_impl = f
+        model.eval()
+        with torch.no_grad(), ctx:  # compiled and eager forward must agree (eager: blocks uncompiled)
+            x, impl = get()[0], [(b, b._compiled_call_impl) for b in model.transformer.h]
+            out_c = fwd(x)[0].float()
+            [setattr(b, "_compiled_call_impl", None) for b, _ in impl]
+            diff = (out_c - model(x)[0].float()).abs().max().item()
         res[name] = dict(ms_per_step=1000 * dt, tokens_per_s=tps, mfu=mfu, tie_map=model.tie_map(),
                          trainable_params=model.num_params(True), compile_max_abs_diff=diff,
                          counted_mem_bytes=state_bytes(model, opt),
