@@ -23,10 +23,12 @@ Expected (H100): CIFAR-10 ViT >= 80% test accuracy after ~2-3 min of training, t
 of 1,000 test images; NOT YET MEASURED on a GPU (see the README for the CPU-scale figures).
 """
 import argparse
+import inspect
 import json
 import math
 import os
 import random
+import re
 import time
 import urllib.request
 from contextlib import nullcontext
@@ -105,9 +107,10 @@ METHODS = ["greedy", "ip", "activation", "kn_ig", "random"]
 def parse_config(argv=None):
     """--key=value flags from the dataclass fields; a preset fills fields not given explicitly."""
     p = argparse.ArgumentParser(description="Influential neuron paths in ViTs (Wang et al., ICLR 2025)")
+    notes = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))  # field comments
     for f in fields(Config):
         typ = (lambda s: s.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else type(f.default)
-        p.add_argument(f"--{f.name}", type=typ, default=None, help=f"default {f.default!r}")
+        p.add_argument(f"--{f.name}", type=typ, default=None, help=f"{notes.get(f.name, '')} (default {f.default!r})")
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     return make_config(**args)
 
@@ -149,11 +152,11 @@ def check_config(cfg):
         raise ValueError(f"prune_fracs must lie in (0, 1], got {cfg.prune_fracs!r}")
 
 
-def ks(s):
+def ks(s):  # "1,5,10" -> [1, 5, 10]
     return [int(v) for v in str(s).split(",") if v]
 
 
-def fracs(s):
+def fracs(s):  # "0.1,0.5" -> [0.1, 0.5]
     return [float(v) for v in str(s).split(",") if v]
 
 
@@ -218,6 +221,7 @@ class MLP(nn.Module):
 
     def forward(self, x, edit=None):
         h = F.gelu(self.c_fc(x))  # (B, T, H) exact GELU; these hidden units are the "neurons"
+        # EXERCISE: the MAE-style neuron (notes §1): edit the same unit over all patch tokens instead of CLS.
         if edit is not None:
             # ALGO LOGIC: the method only ever replaces or edits the CLS row; patch rows stay as computed.
             # Concatenation (not an in-place write) keeps autograd clean (notes §7).
@@ -420,11 +424,27 @@ def greedy_path(model, x, y, cfg, k=1, hbar=None):
     prefix, chosen = [], []
     for l in range(len(hbar)):
         s = layer_scores(model, x, y, hbar, prefix, cfg)  # (B, H)
-        top = s.topk(k, dim=1).indices  # (B, k)
+        top = s.topk(k, dim=1).indices  # (B, k) signed max, as the official code
+        # EXERCISE: pick by |score| instead; which neurons that lower p(true) does the path then contain?
         prefix.append(torch.zeros_like(s, dtype=torch.bool).scatter_(1, top, True))
         chosen.append(top)
     return torch.stack(chosen, dim=1)  # (B, L, k)
     # EXERCISE: replace the greedy step with a beam search of width 4; does the final JAS go up?
+
+
+def trick_agreement(model, x, y, cfg, top=10):
+    """Per layer: how often the whole-layer trick's pick is also the best EXACT JAS(prefix + {j}) among the
+    trick's `top` candidates (the trick takes its gradients with the whole layer scaled, so it approximates)."""
+    hbar = clean_acts(model, x)[1]
+    masks = to_masks(greedy_path(model, x, y, cfg, hbar=hbar), hbar[0].shape[1])
+    top, out = min(top, hbar[0].shape[1]), []
+    for l in range(len(hbar)):
+        prefix = {i: masks[i] for i in range(l)}
+        cand = layer_scores(model, x, y, hbar, list(prefix.values()), cfg).topk(top, dim=1).indices  # (B, top)
+        exact = torch.stack([jas(model, x, y, hbar, {**prefix, l: torch.zeros_like(masks[l]).scatter_(
+            1, cand[:, r:r + 1], True)}, cfg) for r in range(top)], dim=1)  # (B, top)
+        out.append((exact.argmax(1) == 0).float().mean().item())
+    return out
 
 
 def to_masks(path, H):
@@ -764,14 +784,17 @@ def bench(model, cfg, device):
     y = torch.randint(0, cfg.n_class, (cfg.bench_images,), device=device)
     # one pass = forward + input-gradient backward (~2x forward); L layers x m steps passes per image
     flops_img = 2 * fwd_flops_per_image(cfg) * cfg.n_layer * cfg.m
-    if cfg.compile:  # attention only: the MLP's edit closures change every layer and would recompile
-        for blk in model.h:
-            blk.attn.compile()
+    if device != "cuda":
+        print("note: tf32 and bf16 only change the numerics on CUDA; elsewhere every run is fp32")
     results, ref = [], None
     for prec in ["fp32", "tf32", "bf16"]:
         for sdpa in ([False, True] if prec != "fp32" else [False]):
+            if cfg.compile:  # a fresh compile per setting: a changed attribute may not trigger a recompile
+                torch._dynamo.reset()
             for blk in model.h:
                 blk.attn.sdpa = sdpa
+                if cfg.compile:  # attention only: the MLP's per-layer edit closures would recompile each time
+                    blk.attn.compile()
             c = Config(**{**asdict(cfg), "precision": prec})
             set_matmul_precision(prec)
             run = lambda: torch.cat([greedy_path(model, x[i:i + cfg.path_batch], y[i:i + cfg.path_batch], c)
@@ -785,12 +808,12 @@ def bench(model, cfg, device):
                 torch.cuda.synchronize()
             dt = time.time() - t0
             ref = paths if ref is None else ref
-            r = dict(precision=prec, sdpa=sdpa, s_per_image=dt / len(x), images_per_s=len(x) / dt,
+            r = dict(precision=prec, sdpa=sdpa, compile=cfg.compile, s_per_image=dt / len(x), images_per_s=len(x) / dt,
                      tflops=flops_img * len(x) / dt / 1e12, same_paths=(paths == ref).all(-1).all(-1).float().mean().item(),
                      same_neurons=(paths == ref).float().mean().item())
             results.append(r)
             print(f"bench {prec:4s} sdpa={int(sdpa)} | {r['s_per_image']:.4f} s/image | {r['images_per_s']:.1f} img/s | "
-                  f"{r['tflops']:.1f} TFLOP/s | identical paths {100 * r['same_paths']:.0f}% "
+                  f"{r['tflops']:.3g} TFLOP/s | identical paths {100 * r['same_paths']:.0f}% "
                   f"(neurons {100 * r['same_neurons']:.1f}%) vs fp32")
     set_matmul_precision("fp32")
     with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
@@ -931,10 +954,13 @@ def main(cfg):
     off = [(sim[i, j], classes[i], classes[j]) for i in range(n_class) for j in range(i + 1, n_class)]
     closest = [dict(a=a, b=b, cos=float(s)) for s, a, b in sorted(off, reverse=True)[:5]]
     np.save(os.path.join(cfg.out_dir, "class_freq.npy"), freq)
+    b = np.arange(min(len(X), cfg.path_batch))  # how well the whole-layer trick matches exact scores
+    trick = trick_agreement(model, normalise(X[b].to(device), cfg), Y[b].to(device), cfg)
+    print("whole-layer trick = exact best of its top 10, per layer: " + " ".join(f"{a:.2f}" for a in trick))
     # evaluation 4: pruning
     pruning = pruning_eval(model, X, Y, cfg, device, gen, log, paths1=P["greedy"])
     summary = dict(clean_acc=clean_acc, n_images=len(X), subset_acc=float(acc_orig.mean()), methods=methods,
-                   pruning=pruning, closest_classes=closest, wall_s=time.time() - t_start)
+                   pruning=pruning, closest_classes=closest, trick_agreement=trick, wall_s=time.time() - t_start)
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     log({"event": "summary", **summary})
