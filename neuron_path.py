@@ -19,8 +19,9 @@ Run:
   python neuron_path.py --preset=tiny --device=cpu       # about a minute on a CPU, small subset
   python neuron_path.py --model=vit_b_16 --dataset=imagefolder:data/imagenette2-160.tgz --n_images=500
   python neuron_path.py --bench=True --model=vit_b_16 --weights=random   # path-search speed (GPU)
-Expected (H100): CIFAR-10 ViT >= 80% test accuracy after ~2-3 min of training, then the analysis
-of 1,000 test images; NOT YET MEASURED on a GPU (see the README for the CPU-scale figures).
+Expected (H100): the target is >= 80% CIFAR-10 test accuracy and the whole default run (training plus
+the analysis of 1,000 test images) within 5 minutes. NOT YET MEASURED on a GPU; the README gives the
+CPU-scale figures.
 """
 import argparse
 import inspect
@@ -379,7 +380,9 @@ def scaled_run(model, x, y, hbar, sel, m, clamp=True, precision="fp32"):
 def combine(gsum, step, sel, form):
     """JAS from per-neuron gradient sums gsum[l] = sum_k dF/dh (B, H) and steps h̄/m (B, H).
     code: (sum of steps) x (sum of gradients) over the selected neurons (the official 'product of sums');
-    ig:   sum over selected neurons of step x gradient sum (textbook integrated gradients)."""
+    ig:   sum over selected neurons of step x gradient sum (textbook integrated gradients).
+    The paper's Eq. 2 reads like the textbook form (reconstructed, notes §2.1), but the published numbers
+    come from the code's form. So "code" is the default, and --jas_form=ig is the paper-text variant."""
     if form == "code":
         g = sum((gsum[l] * sel[l]).sum(1) for l in sel)
         a = sum((step[l] * sel[l]).sum(1) for l in sel)
@@ -809,7 +812,8 @@ def bench(model, cfg, device):
             dt = time.time() - t0
             ref = paths if ref is None else ref
             r = dict(precision=prec, sdpa=sdpa, compile=cfg.compile, s_per_image=dt / len(x), images_per_s=len(x) / dt,
-                     tflops=flops_img * len(x) / dt / 1e12, same_paths=(paths == ref).all(-1).all(-1).float().mean().item(),
+                     tflops=flops_img * len(x) / dt / 1e12,
+                     same_paths=(paths == ref).all(-1).all(-1).float().mean().item(),
                      same_neurons=(paths == ref).float().mean().item())
             results.append(r)
             print(f"bench {prec:4s} sdpa={int(sdpa)} | {r['s_per_image']:.4f} s/image | {r['images_per_s']:.1f} img/s | "
@@ -818,7 +822,8 @@ def bench(model, cfg, device):
     set_matmul_precision("fp32")
     with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name() if device == "cuda" else device, "model": cfg.model,
-                   "weights": cfg.weights or "torchvision", "batch": cfg.path_batch, "m": cfg.m, "runs": results}, f, indent=1)
+                   "weights": cfg.weights or "torchvision", "batch": cfg.path_batch, "m": cfg.m, "runs": results},
+                  f, indent=1)
     return results
 
 
@@ -837,7 +842,8 @@ def load_data(cfg):
             raise RuntimeError(f"Imagenette not found at {tgz}: download "
                                "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz there")
         name = f"imagefolder:{tgz}"
-    ds = data.load_images(name, data_dir=data.DATA_DIR, size=cfg.image_size if name.startswith("imagefolder:") else None)
+    size = cfg.image_size if name.startswith("imagefolder:") else None  # folders are resized (no crop)
+    ds = data.load_images(name, data_dir=data.DATA_DIR, size=size)
     if cfg.model == "vit_b_16":  # folder classes -> ImageNet indices
         cls = ds["classes"]
         if all(c in IMAGENETTE for c in cls):
@@ -935,8 +941,8 @@ def main(cfg):
     acc_orig = (pred_orig == Y.numpy()).astype(float)
     with open(os.path.join(cfg.out_dir, "paths.jsonl"), "w") as f:  # one record per image
         for i in range(len(X)):
-            f.write(json.dumps({"index": int(sub[i]), "label": int(Y[i]), "class": classes[ycls[i]], "p_orig": float(p_orig[i]),
-                                "pred": int(pred_orig[i]),
+            f.write(json.dumps({"index": int(sub[i]), "label": int(Y[i]), "class": classes[ycls[i]],
+                                "p_orig": float(p_orig[i]), "pred": int(pred_orig[i]),
                                 "methods": {k: {"path": P[k][i].tolist(), "jas": float(S[k][i])} for k in METHODS}}) + "\n")
     # evaluation 2 aggregates: per-class mean ratio, then the median over classes; accuracy deviation per class
     class_ratio = {op: {k: per_class_mean(R[(op, k)], ycls, n_class) for k in METHODS} for op in ("zero", "double")}

@@ -401,7 +401,8 @@ def structure(model):
 
 
 def restore_structure(model, st):
-    """Rebuild Tied placeholders / empty Blocks so that a saved state dict loads into them."""
+    """Rebuild Tied placeholders / empty Blocks so that a saved state dict loads into them.
+    (--untie=alias storage sharing is not restored: the values are, the aliasing is not.)"""
     h = model.transformer.h
     for i in range(model.config.n_layer):
         if not st["own"][i]:
@@ -459,16 +460,9 @@ def block_slice(l):
     return slice(off, off + l + 1)
 
 
-class QNetwork(nn.Module):
+def QNetwork(n_layer):
     """MLP L -> 128 -> L(L+1)/2: one block of l+1 Q-values per layer (block 0 never used)."""
-
-    def __init__(self, n_layer):
-        super().__init__()
-        self.network = nn.Sequential(nn.Linear(n_layer, 128), nn.ReLU(),
-                                     nn.Linear(128, n_layer * (n_layer + 1) // 2))
-
-    def forward(self, s):
-        return self.network(s)  # (L,) -> (L(L+1)/2,)
+    return nn.Sequential(nn.Linear(n_layer, 128), nn.ReLU(), nn.Linear(128, n_layer * (n_layer + 1) // 2))
 
 
 def td_target(reward, q_next_block, gamma):
