@@ -7,22 +7,32 @@ One section per file (data.py, tying_rl.py, recursive.py, neuron_path.py). Every
 the code produced: equivalences with a reference computation, invariants, or planted answers;
 each script's real `main` runs once on a tiny config with data the test writes itself.
 """
+import contextlib
+import gc
 import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import tarfile
 import urllib.error
 import urllib.request
+import weakref
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
+import neuron_path as NP
+import recursive as RR
+import tying_rl as TR
+
 
 SHARED_TIKTOKEN = Path(__file__).resolve().parent.parent / "shared" / "data" / "tiktoken"
 if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN.is_dir():
@@ -225,3 +235,870 @@ def test_data_image_folder_reader(tmp_path, as_tar):
     assert ds["test"][0].shape == (4, 3, 8, 8)  # val/ serves as the test split
     with pytest.raises(data.DataError, match="unknown image dataset"):
         data.load_images("cifar100", tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# the two GPT copies (TR.py and RR.py each hold their own, cleanrl style) stay in sync
+
+def test_gpt_copies_in_tying_rl_and_recursive_agree():
+    torch.manual_seed(0)
+    kw = dict(block_size=16, vocab_size=50, n_layer=3, n_head=2, n_embd=16, dropout=0.0, bias=True)
+    a = TR.GPT(TR.GPTConfig(**kw)).eval()
+    b = RR.GPT(RR.GPTConfig(**kw)).eval()
+    sd = a.state_dict()
+    assert set(sd) == set(b.state_dict())  # the same nanoGPT keys
+    b.load_state_dict(sd)
+    idx = torch.randint(0, 50, (2, 16))
+    (la, _), (lb, _) = a(idx), b(idx)
+    assert torch.allclose(la, lb, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# tying_rl.py: GPT with a tie map, Q / REINFORCE agents, training loop, checkpoints
+
+
+@contextlib.contextmanager
+def _tying_one_thread():
+    """Tiny CPU models run far faster on one thread when the cores are shared (no OMP spinning)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _tying_model(L=4, tie_grad="detached", seed=0):
+    torch.manual_seed(seed)
+    cfg = TR.GPTConfig(block_size=16, vocab_size=50, n_layer=L, n_head=2, n_embd=16, dropout=0.0)
+    return TR.GPT(cfg, tie_grad=tie_grad).eval()
+
+
+def _tying_manual(model, idx, blocks):
+    """Reference forward: run the given Block objects in order, no tie logic at all."""
+    t = model.transformer
+    x = t.wte(idx) + t.wpe(torch.arange(idx.size(1)))
+    for b in blocks:
+        x = b(x)
+    return model.lm_head(t.ln_f(x))
+
+
+def test_tying_untied_equals_plain_gpt_and_hf_gpt2():
+    m = _tying_model()
+    idx = torch.randint(50, (2, 10))
+    logits, loss = m(idx, idx)
+    assert torch.allclose(logits, _tying_manual(m, idx, list(m.transformer.h)), atol=1e-6)
+    assert abs(loss.item() - math.log(50)) < 0.3  # ~ln(V) at init
+    # nanoGPT state-dict keys when nothing is tied
+    assert "transformer.h.3.mlp.c_fc.weight" in m.state_dict() and "lm_head.weight" in m.state_dict()
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=50, n_positions=16, n_embd=16, n_layer=4, n_head=2, activation_function="gelu",
+        resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, layer_norm_epsilon=1e-5)).eval()
+    sd = m.state_dict()
+    conv = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    hf.load_state_dict({k: (v.t() if k.endswith(conv) else v) for k, v in sd.items()}, strict=False)
+    assert torch.allclose(hf(idx).logits, logits, atol=1e-5)
+
+
+def test_tying_tied_position_runs_root_weights_and_chains_resolve():
+    m = _tying_model(L=5)
+    h = m.transformer.h
+    b0, b1 = h[0], h[1]
+    idx = torch.randint(50, (2, 8))
+    m.tie(2, 1)
+    m.tie(3, 2)  # chain 3 -> 2 -> 1
+    assert m.tie_map() == [0, 1, 1, 1, 4] and m.src == [0, 1, 1, 2, 4]
+    assert torch.allclose(m(idx)[0], _tying_manual(m, idx, [b0, b1, b1, b1, h[4]]), atol=1e-6)
+    m.tie(1, 0)  # re-tie the parent: the chain resolves at forward time (D3)
+    assert m.tie_map() == [0, 0, 0, 0, 4]
+    assert torch.allclose(m(idx)[0], _tying_manual(m, idx, [b0, b0, b0, b0, h[4]]), atol=1e-6)
+    assert isinstance(h[3], TR.Tied) and len(list(h[3].parameters())) == 0
+    assert not any(k.startswith("transformer.h.3.") for k in m.state_dict())
+    before = m.num_params()
+    m.tie(4, 0)
+    assert m.num_params() == before - sum(p.numel() for p in b0.parameters())
+
+
+def _tying_grads(model, idx):
+    model.zero_grad(set_to_none=True)
+    model(idx, idx)[1].backward()
+    return [p.grad.clone() for p in model.transformer.h[0].parameters()]
+
+
+def test_tying_detached_sends_no_grad_and_shared_sums():
+    idx = torch.randint(50, (2, 8))
+    # reference: untied model whose layer 1 is a copy of layer 0 (two trainable copies)
+    ref = _tying_model(L=3)
+    ref.transformer.h[1].load_state_dict(ref.transformer.h[0].state_dict())
+    ref(idx, idx)[1].backward()
+    g_pos0 = [p.grad for p in ref.transformer.h[0].parameters()]
+    g_pos1 = [p.grad for p in ref.transformer.h[1].parameters()]
+    for mode, expect in (("detached", g_pos0), ("shared", [a + b for a, b in zip(g_pos0, g_pos1)])):
+        m = _tying_model(L=3, tie_grad=mode)
+        m.load_state_dict(ref.state_dict())
+        m.tie(1, 0)
+        for g, e in zip(_tying_grads(m, idx), expect):
+            assert torch.allclose(g, e, atol=1e-6), mode
+    assert max((a - (a + b)).abs().max() for a, b in zip(g_pos0, g_pos1)) > 1e-6  # modes differ
+
+
+def test_tying_untie_clone_separates_storage_alias_shares():
+    for mode in ("clone", "alias"):
+        m = _tying_model(L=3)
+        m.tie(2, 1)
+        assert m.apply_action(2, 2, untie=mode)  # action l = train layer l
+        for p, q in zip(m.transformer.h[2].parameters(), m.transformer.h[1].parameters()):
+            assert torch.equal(p, q) and p.requires_grad and p is not q
+            assert (p.data_ptr() == q.data_ptr()) == (mode == "alias")
+        assert m.tie_map() == [0, 1, 2]
+
+
+def test_tying_tied_block_leaves_optimizer_and_state_is_freed():
+    m = _tying_model(L=3).train()
+    opt = torch.optim.AdamW(TR.trainable(m), lr=1e-3)
+    idx = torch.randint(50, (2, 8))
+    m(idx, idx)[1].backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    old = list(m.transformer.h[2].parameters())
+    refs = [weakref.ref(p) for p in old]
+    bytes_before, block_bytes = TR.state_bytes(m, opt), sum(p.numel() * 4 for p in old)
+    assert all(p in opt.state for p in old)
+    m.tie(2, 0)
+    TR.sync_optimizer(m, opt)
+    ids = {id(p) for p in opt.param_groups[0]["params"]}
+    assert not any(id(p) in ids for p in old) and not any(p in opt.state for p in old)
+    assert TR.state_bytes(m, opt) == bytes_before - 3 * block_bytes  # weights + exp_avg + exp_avg_sq
+    del old
+    gc.collect()
+    assert all(r() is None for r in refs)  # the tensors are really gone
+    m.untie(2)  # back: fresh params, no state until the next step
+    TR.sync_optimizer(m, opt)
+    new = list(m.transformer.h[2].parameters())
+    assert all(id(p) in {id(q) for q in opt.param_groups[0]["params"]} and p not in opt.state for p in new)
+
+
+def test_tying_q_blocks_index_and_eps0_is_argmax():
+    L = 5
+    sl = [TR.block_slice(l) for l in range(L)]
+    assert [i for s in sl for i in range(s.start, s.stop)] == list(range(L * (L + 1) // 2))
+    assert all(s.stop - s.start == l + 1 for l, s in enumerate(sl))
+    cfg = TR.Config(n_layer=L)
+    agent = TR.QAgent(L, cfg, seed=0)
+    out = agent.q_network[-1]
+    with torch.no_grad():
+        out.weight.zero_()
+        out.bias.copy_((torch.arange(15.0) * 7) % 11)  # a planted, known Q vector
+    assert out.bias[sl[3]].tolist() == [9, 5, 1, 8] and out.bias[sl[4]].tolist() == [4, 0, 7, 3, 10]
+    assert agent.act([0] * L, 3, 0.0, 0) == 0 and agent.act([0] * L, 4, 0.0, 0) == 4
+    acts = {agent.act([0] * L, 4, 1.0, 0) for _ in range(200)}
+    assert acts == set(range(5))  # eps 1: uniform over the l+1 actions
+
+
+def test_tying_td_target_hand_example_and_update():
+    assert TR.td_target(-3.0, torch.tensor([1.0, 5.0, 2.0]), 0.99).item() == pytest.approx(-3 + 4.95)
+    L = 4
+    agent = TR.QAgent(L, TR.Config(n_layer=L), seed=0)
+    s2 = [0, 1, 1, 0]
+    with torch.no_grad():
+        expect = -2.0 + 0.99 * agent.q_network(torch.tensor(s2, dtype=torch.float32))[TR.block_slice(2)].max()
+    info = agent.update([0, 1, 2, 3], 2, 1, -2.0, s2)  # official: same layer's block at s'
+    assert info["td_target"] == pytest.approx(expect.item(), abs=1e-6)
+    assert info["td_loss"] == pytest.approx((info["q"] - info["td_target"]) ** 2, rel=1e-5)
+
+
+def test_tying_reward_clipping():
+    cfg = TR.Config()
+    assert TR.reward_from_ce(math.log(4.0), cfg) == (pytest.approx(-4.0), False)
+    assert TR.reward_from_ce(math.log(50.0), cfg) == (-10.0, True)  # ppl > 10 saturates
+    assert TR.reward_from_ce(2.0, TR.Config(reward="negloss"))[0] == -2.0
+    assert TR.reward_from_ce(2.0, TR.Config(reward="delta"), ce_before=2.5)[0] == pytest.approx(0.5)
+    r, _ = TR.reward_from_ce(2.0, TR.Config(reward="negloss", param_penalty=1.0, n_layer=4), trainable_blocks=2)
+    assert r == pytest.approx(-2.5)
+
+
+def test_tying_reinforce_learns_better_arm():
+    torch.manual_seed(0)
+    agent = TR.ReinforceAgent(2, TR.Config(n_layer=2, agent_lr=1e-2), seed=0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):  # layer 1: arm 0 = copy layer 0 (reward 0), arm 1 = train (reward 1)
+        a = agent.act([0, 0], 1, 0.0, 0)
+        agent.update([0, 0], 1, a, float(a) + 0.1 * torch.randn(1, generator=gen).item(), [0, a])
+    with torch.no_grad():
+        p = torch.softmax(agent.q_network(torch.zeros(2))[TR.block_slice(1)], -1)
+    assert p[1] > 0.9
+
+
+def test_tying_fixed_patterns_give_the_official_ablation_maps():
+    want = dict(sequence=[0, 0, 2, 2, 4, 4], rev=[0, 1, 2, 2, 1, 0], universal=[0] * 6)
+    for kind, tm in want.items():
+        m, agent = _tying_model(L=6), TR.FixedAgent(6, kind, seed=0)
+        for l in range(1, 6):
+            m.apply_action(l, agent.act(list(m.src), l, 0.0, 0))
+        assert m.tie_map() == tm, kind
+        assert m.num_params(True, True) == len(set(tm)) * sum(p.numel() for p in m.transformer.h[0].parameters())
+
+
+# -- the real main() on a tiny synthetic text (char tokenizer, no network) -------------------
+def _tying_run(tmp_path, out, *extra):
+    text = tmp_path / "corpus.txt"
+    if not text.exists():
+        g = torch.Generator().manual_seed(0)  # a learnable toy language: repeated short words
+        words = ["abc ", "bcd ", "cab ", "dda ", "acd "]
+        text.write_text("".join(words[i] for i in torch.randint(5, (4000,), generator=g).tolist()))
+    args = [f"--dataset=text:{text}", "--tokenizer=char", f"--data_dir={tmp_path}", "--preset=tiny",
+            "--device=cpu", f"--out_dir={tmp_path / out}", "--plot=False", "--episodes=2",
+            "--steps_per_action=1", "--eval_max_batches=2", "--eval_batch_size=8", "--log_interval=1",
+            "--agent=q", "--eps_start=0.5"] + list(extra)
+    with _tying_one_thread():
+        return TR.main(args)
+
+
+def _tying_log(tmp_path, out):
+    return [json.loads(l) for l in open(tmp_path / out / "log.jsonl")]
+
+
+def test_tying_main_tiny_summary_seed_and_resume(tmp_path):
+    s = _tying_run(tmp_path, "a")
+    summ = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summ["unique_layers"] == len(set(summ["tie_map"])) and summ["n_layer"] == 4
+    assert summ["tie_map"][0] == 0 and all(r <= i for i, r in enumerate(summ["tie_map"]))
+    assert summ["trainable_block_params"] == summ["unique_layers"] * 12 * 32 * 32 + summ["unique_layers"] * 13 * 32
+    assert summ["val_ppl"] > 1 and math.isfinite(summ["test_ppl"]) and summ["mfu"] is None
+    assert summ["steady_mem_bytes"] > 0 and s["trainable_params"] == summ["trainable_params"]
+    for f in ("config.json", "ckpt.pt", "best.pt"):
+        assert (tmp_path / "a" / f).exists()
+    la = _tying_log(tmp_path, "a")
+    assert sum(r["kind"] == "agent" for r in la) == 2 * 3  # (L-1) decisions per episode
+    # same seed -> same actions and losses
+    _tying_run(tmp_path, "b")
+    lb = _tying_log(tmp_path, "b")
+    key = lambda log: [(r["kind"], r.get("action"), r.get("loss"), r.get("reward")) for r in log]
+    assert key(la) == key(lb)
+    # resume: 1 episode, then resume to 2 -> identical to the straight run
+    _tying_run(tmp_path, "c", "--episodes=1")
+    _tying_run(tmp_path, "c", "--resume=True")
+    lc = _tying_log(tmp_path, "c")
+    assert key(lc) == key(la)
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["val_ppl"] == pytest.approx(summ["val_ppl"])
+    # resuming with a different config is refused, naming the keys
+    with pytest.raises(SystemExit, match="n_embd.*steps_per_action|lr"):
+        _tying_run(tmp_path, "c", "--resume=True", "--n_embd=16", "--steps_per_action=2")
+
+
+def test_tying_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    _tying_run(tmp_path, "n", "--episodes=1")
+    ck = (tmp_path / "n" / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(TR, "lm_step", lambda *a, **k: (_ for _ in ()).throw(TR.NonFiniteLoss("loss is nan")))
+    with pytest.raises(SystemExit, match="loss is nan at step 3.*last good checkpoint"):
+        _tying_run(tmp_path, "n", "--resume=True")
+    assert (tmp_path / "n" / "ckpt.pt").read_bytes() == ck
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--n_embd=30", "--n_head=4"], "not divisible"),
+    (["--steps_per_action=0"], "steps_per_action"),
+    (["--agent=ppo"], "unknown agent"),
+    (["--dataset=imagenet"], "unknown dataset"),
+    (["--preset=huge"], "unknown preset")])
+def test_tying_bad_config_fails_at_start(flags, msg, tmp_path):
+    with pytest.raises(SystemExit, match=msg):
+        TR.main(flags + [f"--out_dir={tmp_path}", "--device=cpu"])
+    assert not (tmp_path / "log.jsonl").exists()  # nothing ran
+
+
+def test_tying_bench_tiny_counts_less_state_when_tied(tmp_path):
+    with _tying_one_thread():
+        res = TR.main(["--mode=bench", "--preset=tiny", "--device=cpu", "--bench_steps=1", f"--out_dir={tmp_path}"])
+    base, tied = res["baseline"], res["tying"]
+    assert base["tie_map"] == [0, 1, 2, 3] and len(set(tied["tie_map"])) < 4
+    assert tied["trainable_params"] < base["trainable_params"]
+    assert tied["counted_mem_bytes"] < base["counted_mem_bytes"] and res["cost_ratio"] > 0
+    assert json.loads((tmp_path / "bench.json").read_text())["cost_ratio"] == res["cost_ratio"]
+
+
+# -----------------------------------------------------------------------------
+# recursive.py: Relaxed Recursive Transformers (conversion, SVD-LoRA, KD, early exit, CDB engine)
+
+
+def _rr_gpt(n_layer=4, bias=True, vocab=97, seed=0, n_embd=32):
+    torch.manual_seed(seed)
+    return RR.GPT(RR.GPTConfig(block_size=48, vocab_size=vocab, n_layer=n_layer, n_head=2,
+                               n_embd=n_embd, bias=bias)).eval()
+
+
+def _rr_text(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away", "and", "then"]
+    text = " ".join(rng.choice(words, 6000)) + "\n"
+    p = tmp_path / "toy.txt"
+    p.write_text(text)
+    return p
+
+
+def _rr_cfg(tmp_path, **kw):
+    p = _rr_text(tmp_path)
+    base = dict(RR.TINY, dataset=f"text:{p}", tokenizer="char", data_dir=str(tmp_path / "data"),
+                out_dir=str(tmp_path / "out"), device="cpu", plot=False, pretrain_iters=30,
+                uptrain_iters=4, ee_iters=4, eval_tokens=1024, n_requests=6, log_interval=100)
+    base.update(kw)
+    return RR.Config(**base)
+
+
+def test_recursive_gpt_keys_are_nanogpt():
+    sd = _rr_gpt(n_layer=1).state_dict()
+    want = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
+            "transformer.ln_f.bias", "lm_head.weight"} | {f"transformer.h.0.{k}" for k in [
+        "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+        "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+        "mlp.c_proj.weight", "mlp.c_proj.bias"]}
+    assert set(sd) == want
+
+
+def test_recursive_stepwise_lower_average_indices():
+    assert RR.source_layers("stepwise", 12, 6) == [[0], [2], [4], [7], [9], [11]]
+    assert RR.source_layers("stepwise", 18, 6) == [[0], [3], [7], [10], [14], [17]]
+    assert RR.source_layers("lower", 12, 6) == [[i] for i in range(6)]
+    assert RR.source_layers("average", 6, 3) == [[0, 3], [1, 4], [2, 5]]
+
+
+def test_recursive_average_init_equals_mean_of_its_layers():
+    full = _rr_gpt(n_layer=6)
+    m = RR.convert(full, 3, 2, "average")
+    for k in range(3):
+        for name, p in m.transformer.h[k].named_parameters():  # weights, biases and norms
+            a, b = full.get_parameter(f"transformer.h.{k}.{name}"), full.get_parameter(f"transformer.h.{k + 3}.{name}")
+            assert torch.allclose(p, (a + b) / 2)
+    s = RR.convert(full, 3, 2, "stepwise")  # 6 -> 3 picks layers 0, 2, 5 (paper's Fig. 2: 1, 3, 6)
+    assert torch.equal(s.transformer.h[2].mlp.c_fc.weight, full.transformer.h[5].mlp.c_fc.weight)
+
+
+def test_recursive_k_equals_n_one_loop_is_original():
+    full = _rr_gpt()
+    idx = torch.randint(0, 97, (2, 20))
+    for init in ("stepwise", "average", "lower"):
+        m = RR.convert(full, 4, 1, init).eval()
+        assert torch.equal(m(idx)[0], full(idx)[0])
+
+
+def test_recursive_full_rank_svd_recovers_original_and_rank0_is_plain():
+    idx = torch.randint(0, 97, (2, 20))
+    full = _rr_gpt(bias=False)  # tied norms equal (ones) and no biases: the whole model is recovered
+    for init in ("average", "stepwise", "lower"):
+        m = RR.convert(full, 2, 2, init, lora_rank=10_000).eval()
+        assert torch.allclose(m(idx)[0], full(idx)[0], atol=1e-4)
+    fb = _rr_gpt(bias=True)  # with biases tied, every depth's linear weight is still recovered exactly
+    m = RR.convert(fb, 2, 2, "average", lora_rank=10_000)
+    for d in range(4):
+        lin, orig = m.transformer.h[d % 2].mlp.c_fc, fb.transformer.h[d].mlp.c_fc
+        assert torch.allclose(lin.weight + lin.lora_B[d // 2] @ lin.lora_A[d // 2], orig.weight, atol=1e-5)
+    plain = RR.convert(full, 2, 2, "stepwise", 0).eval()
+    zero = RR.convert(full, 2, 2, "stepwise", 8, "zero").eval()   # B = 0
+    assert torch.equal(plain(idx)[0], zero(idx)[0])
+    assert not any("lora" in k for k in plain.state_dict())
+    low = RR.convert(full, 2, 2, "average", 2).eval()   # a truncated rank is between the two
+    e_low = (low(idx)[0] - full(idx)[0]).abs().mean()
+    e_plain = (RR.convert(full, 2, 2, "average", 0).eval()(idx)[0] - full(idx)[0]).abs().mean()
+    assert e_low < e_plain
+
+
+def test_recursive_ranks_are_capped():
+    lin = RR.LoRALinear(8, 24, True, n_loops=2, rank=100)
+    assert lin.rank == 8 and lin.lora_A.shape == (2, 8, 8) and lin.lora_B.shape == (2, 24, 8)
+    m = RR.convert(_rr_gpt(), 2, 2, "average", 10_000)   # C = 32: every matrix capped at 32
+    C, per_rank = 32, 32 * (4 + 2 + 5 + 5)  # sum over matrices of (in + out)
+    assert m.num_params() - RR.convert(_rr_gpt(), 2, 2, "average", 0).num_params() == 4 * C * per_rank
+
+
+def test_recursive_lora_per_item_loop_matches_int_loop():
+    torch.manual_seed(0)
+    lin = RR.LoRALinear(6, 10, True, n_loops=3, rank=4)
+    torch.nn.init.normal_(lin.lora_B)
+    x, loops = torch.randn(5, 2, 6), torch.tensor([0, 2, 1, 1, 0])
+    want = torch.cat([lin(x[i:i + 1], int(l)) for i, l in enumerate(loops)])
+    assert torch.allclose(lin(x, loops), want, atol=1e-6)
+    assert not torch.allclose(lin(x, 0), lin(x, 1))
+
+
+def _rr_hf_layout(model):
+    """Our state dict written in GPT-2's published layout: Conv1D (in, out), mask buffers, no prefix."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue
+        if k.endswith(("c_attn.weight", "attn.c_proj.weight", "c_fc.weight", "mlp.c_proj.weight")):
+            v = v.t()
+        sd[k.removeprefix("transformer.")] = v.contiguous()
+    for i in range(model.config.n_layer):
+        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 48, 48))
+    return sd
+
+
+def test_recursive_gpt2_mapping_on_synthetic_safetensors():
+    src = _rr_gpt(seed=1)
+    sd = _rr_hf_layout(src)
+    header, blobs, off = {"__metadata__": {"format": "pt"}}, [], 0
+    for k, v in sd.items():
+        b = v.float().numpy().tobytes()
+        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b); off += len(b)
+    h = json.dumps(header).encode()
+    raw = len(h).to_bytes(8, "little") + h + b"".join(blobs)
+    mapped = RR.gpt2_to_nanogpt(RR.parse_safetensors(raw))
+    dst = _rr_gpt(seed=2)
+    dst.load_state_dict(mapped)  # strict: every key in place, no mask buffers left
+    idx = torch.randint(0, 97, (2, 16))
+    assert torch.equal(dst(idx)[0], src(idx)[0])
+    assert torch.equal(dst.transformer.h[0].attn.c_attn.weight, sd["h.0.attn.c_attn.weight"].t())
+
+
+def test_recursive_gpt2_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hc = transformers.GPT2Config(vocab_size=97, n_positions=48, n_embd=32, n_layer=3, n_head=2,
+                                 activation_function="gelu", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    hf = transformers.GPT2LMHeadModel(hc).eval()
+    ours = RR.GPT(RR.GPTConfig(block_size=48, vocab_size=97, n_layer=3, n_head=2, n_embd=32)).eval()
+    ours.load_state_dict(RR.gpt2_to_nanogpt(hf.state_dict()))
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(ours(idx)[0], hf(idx).logits, atol=1e-4)
+
+
+def test_recursive_distillation_zero_when_student_equals_teacher():
+    torch.manual_seed(0)
+    a, b, y = torch.randn(2, 5, 11), torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    assert RR.kd_loss(a, a.clone()).abs() < 1e-6 and RR.kd_loss(a, b) > 0.01
+    ce = F.cross_entropy(a.flatten(0, 1), y.flatten())
+    assert torch.allclose(RR.uptrain_loss(a, y, a.clone(), 0.5, 1.0), 0.5 * ce, atol=1e-6)
+    assert torch.allclose(RR.uptrain_loss(a, y, b, 0.0, 1.0), ce)
+
+
+def test_recursive_early_exit_loss_weights():
+    torch.manual_seed(0)
+    cfg = RR.Config(kd_weight=0.0, ee_weight=0.1)
+    l1, l2 = torch.randn(2, 4, 7, requires_grad=True), torch.randn(2, 4, 7, requires_grad=True)
+    y = torch.randint(0, 7, (2, 4))
+    loss, ces = RR.early_exit_loss([l1, l2], y, None, cfg)
+    ce = lambda l: F.cross_entropy(l.flatten(0, 1), y.flatten())
+    want = ce(l2) + 0.1 * (ce(l1) + RR.kd_loss(l1, l2.detach()))
+    assert torch.allclose(loss, want) and ces == pytest.approx([ce(l1).item(), ce(l2).item()])
+    loss.backward()
+    g2 = torch.autograd.grad(ce(l2), l2)[0]   # the last loop gets weight 1 and no gradient from the KD target
+    assert torch.allclose(l2.grad, g2, atol=1e-6)
+    g1 = torch.autograd.grad(0.1 * (ce(l1) + RR.kd_loss(l1, l2.detach())), l1)[0]
+    assert torch.allclose(l1.grad, g1, atol=1e-6)
+
+
+def _rr_relaxed(seed=0):
+    full = _rr_gpt(seed=seed)
+    m = RR.convert(full, 2, 2, "average", 4).eval()   # SVD-LoRA: the two loops differ
+    return full, m
+
+
+def _rr_requests(n=7, P=5, vocab=97):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, vocab, (P,), generator=g), int(k)) for k in [3, 9, 1, 6, 12, 4, 8][:n]]
+
+
+def test_recursive_cdb_without_exits_is_greedy_decoding_and_refills():
+    full, rec = _rr_relaxed()
+    reqs = _rr_requests()
+    for model in (rec, full):
+        want = [RR.generate(model, p[None], n)[0, len(p):].tolist() for p, n in reqs]
+        for refill in ("continuous", "static"):
+            res = RR.serve(model, reqs, 3, "cpu", refill=refill)   # 7 requests through 3 slots
+            assert res["tokens"] == want
+            assert res["exit_hist"][-1] == sum(n - 1 for _, n in reqs)  # every decode token ran all loops
+    cont = RR.serve(rec, reqs, 3, "cpu")
+    stat = RR.serve(rec, reqs, 3, "cpu", refill="static")
+    assert cont["steps"] < stat["steps"]  # refilling freed slots saves steps
+
+
+def test_recursive_cdb_kv_cache_has_one_entry_per_depth():
+    full, rec = _rr_relaxed()
+    p, n = _rr_requests(1)[0]
+    res = RR.serve(rec, [(p, n)], 1, "cpu")
+    seq = torch.cat([p, torch.tensor(res["tokens"][0][:-1])])[None]
+    dense = []  # K/V of a dense forward at each effective depth d = loop * K + k
+    x = rec.embed(seq)
+    for loop in range(2):
+        for blk in rec.transformer.h:
+            x = blk(x, loop, lambda k, v: (dense.append((k, v)), (k, v, None))[1])
+    kc, vc = res["kv"]
+    assert kc.shape[0] == 4  # N = K x R = 4 caches, not K = 2
+    for d, (k, v) in enumerate(dense):
+        T = seq.size(1)
+        assert torch.allclose(kc[d, 0, :, :T], k[0], atol=1e-5) and torch.allclose(vc[d, 0, :, :T], v[0], atol=1e-5)
+    assert not torch.allclose(kc[0, 0, :, :T], kc[2, 0, :, :T])  # loop 1 and loop 2 of block 0 differ
+
+
+def test_recursive_oracle_exits_save_steps_and_full_kv_keeps_greedy_tokens():
+    torch.manual_seed(0)
+    _, rec = _rr_relaxed()
+    reqs = _rr_requests()
+    base = RR.serve(rec, reqs, 3, "cpu")
+    sched = RR.trajectory_exits(rec, reqs, base["tokens"], "cpu")
+    assert all(e in (1, 2) for s in sched for e in s.values())
+    # charging the full compute: the skipped loops really run for exited tokens, so the KV cache
+    # and therefore every token equal plain greedy decoding, in fewer engine steps
+    full_kv = RR.serve(rec, reqs, 3, "cpu", exit_mode="oracle", schedule=sched, kv_fill="full")
+    assert full_kv["tokens"] == base["tokens"]
+    assert full_kv["exit_hist"] == [sum(e == l for s in sched for e in s.values()) for l in (1, 2)]
+    assert full_kv["exit_hist"][0] > 0 and full_kv["steps"] < base["steps"]
+    prop = RR.serve(rec, reqs, 3, "cpu", exit_mode="oracle", schedule=sched, kv_fill="propagate")
+    assert prop["steps"] == full_kv["steps"] and prop["exit_hist"][0] > 0
+    conf = RR.serve(rec, reqs, 3, "cpu", exit_mode="confidence", tau=0.0)  # tau 0: all exit after loop 1
+    assert conf["exit_hist"] == [sum(n - 1 for _, n in reqs), 0]
+
+
+def test_recursive_exit_rules_and_calibration():
+    agree = torch.tensor([[True, False, True, False], [True, True, True, True]])
+    assert RR.oracle_exits(agree).tolist() == [1, 2, 1, 2]
+    maxp = torch.tensor([[0.9, 0.8, 0.3, 0.2], [1, 1, 1, 1.]])
+    assert RR.confidence_exits(maxp, 0.5).tolist() == [1, 1, 2, 2]
+    # tokens 0 and 2 agree; token 1 is confident but wrong: target 1.0 needs tau above 0.8
+    tau = RR.calibrate_tau(maxp, agree, 1.0)
+    assert 0.8 < tau <= 0.9 and RR.confidence_exits(maxp, tau).tolist() == [1, 2, 2, 2]
+    tau75 = RR.calibrate_tau(maxp, agree, 0.75)  # letting token 1 exit wrongly is fine, token 3 not
+    assert 0.2 < tau75 <= 0.3 and RR.confidence_exits(maxp, tau75).tolist() == [1, 1, 1, 2]
+
+
+def test_recursive_simulator_planted_schedules():
+    t = {1: 1.0, 2: 1.0}  # 1 s per step whatever the batch
+    L = [1, 4, 3]
+    assert RR.simulate(L, None, t, 2, "static", 1) == (8 / 7, 7)   # [1, 4] takes 4 steps, then [3]
+    assert RR.simulate(L, None, t, 2, "csb", 1) == (8 / 4, 4)      # slot of request 0 refilled at once
+    assert RR.simulate(L, None, t, 2, "cdb", 2) == (8 / 8, 8)      # no exits: 2 loops per token
+    ones = [[1] * n for n in L]
+    assert RR.simulate(L, ones, t, 2, "cdb", 2) == (8 / 4, 4)
+    mixed = [[2], [1, 1, 1, 1], [2, 1, 1]]
+    assert RR.simulate(L, mixed, t, 2, "ee_sync", 2)[1] == 7 and RR.simulate(L, mixed, t, 2, "ee_sync", 2)[0] == 8 / 9
+
+
+def test_recursive_main_tiny_writes_summary(tmp_path, capsys):
+    cfg = _rr_cfg(tmp_path, runs="full,reduced_random,rec_stepwise,relaxed_average_r64", n_requests=5)
+    args = [f"--{k}={v}" for k, v in asdict(cfg).items()]
+    s = RR.main(["--preset=tiny"] + args)
+    out = tmp_path / "out"
+    summ = json.loads((out / "summary.json").read_text())
+    names = [r["name"] for r in summ["results"]]
+    assert names[0] == "full_pretrained" and "rec_stepwise" in names and "relaxed_average_r64" in names
+    rec = next(r for r in summ["results"] if r["name"] == "rec_stepwise")
+    full = next(r for r in summ["results"] if r["name"] == "full")
+    assert rec["non_emb_params"] * 2 == pytest.approx(full["non_emb_params"], rel=0.02)
+    assert len(rec["loop_val_ppl"]) == 2 and rec["loop_val_ppl"][-1] == pytest.approx(rec["val_ppl"])
+    assert all(math.isfinite(r["val_ppl"]) and 1 < r["test_ppl"] < 1e4 for r in summ["results"])
+    th = summ["throughput"]
+    assert set(th["measured"]) == {"full_static", "full_csb", "cdb_no_exit", "cdb_oracle", "cdb_confidence"}
+    n_dec = sum(th["exit_hist_oracle"])
+    assert n_dec > 0 and 1 <= th["mean_exit_loop"] <= 2 and summ["early_exit"]["oracle"]["hist"]
+    assert th["token_agreement_with_full_model_csb"] <= 1.0
+    assert (out / "config.json").exists() and (out / "log.jsonl").exists()
+    # a second run reuses every finished stage
+    capsys.readouterr()
+    RR.main(args + ["--stage=study"])
+    printed = capsys.readouterr().out
+    assert printed.count("reusing") == len(names) and "step " not in printed
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(n_layer=5, n_loops=2), "not divisible"),
+    (dict(lora_rank=-1), "lora_rank must be >= 0"),
+    (dict(runs="relaxed_average_r-3"), "rank must be >= 0"),
+    (dict(init="middle"), "unknown init"),
+])
+def test_recursive_bad_config_fails_before_writing(tmp_path, kw, msg):
+    cfg = _rr_cfg(tmp_path, **kw)
+    with pytest.raises(ValueError, match=msg):
+        RR.run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_recursive_bad_checkpoint_and_download_fail_before_writing(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="no checkpoint"):
+        RR.run(_rr_cfg(tmp_path, init_from=str(tmp_path / "missing.pt")))
+    ck = tmp_path / "other.pt"  # a GPT with another vocabulary
+    g = _rr_gpt(vocab=1000)
+    torch.save({"model": g.state_dict(), "model_args": asdict(g.config)}, ck)
+    with pytest.raises(ValueError, match="must hold a plain GPT with vocab_size"):
+        RR.run(_rr_cfg(tmp_path, init_from=str(ck)))
+    torch.save({"model": {"foo": torch.zeros(1)}, "model_args": {"vocab_size": 1}}, ck)
+    with pytest.raises(ValueError, match="init_from"):
+        RR.run(_rr_cfg(tmp_path, init_from=str(ck)))
+
+    def no_net(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(urllib.request, "urlopen", no_net)
+    with pytest.raises(ValueError, match="could not download GPT-2"):
+        RR.run(_rr_cfg(tmp_path, init_from="gpt2", tokenizer="gpt2", dataset="text:" + str(_rr_text(tmp_path))))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data" / "gpt2").exists()
+
+
+def test_recursive_cli_preset_then_flags():
+    cfg = RR.parse_config(["--preset=tiny", "--n_layer=6", "--plot=False"])
+    assert (cfg.n_layer, cfg.n_embd, cfg.tokenizer, cfg.plot) == (6, RR.TINY["n_embd"], "char", False)
+    assert RR.parse_config([]).n_layer == 12 and RR.parse_config(["--plot=1"]).plot is True
+    with pytest.raises(ValueError, match="unknown preset"):
+        RR.parse_config(["--preset=huge"])
+
+
+# -----------------------------------------------------------------------------
+# neuron_path.py: ViT CLS-row edits, joint attribution score, greedy path search, main
+
+
+def _neuron_model(seed=0, dtype=torch.float32, **kw):
+    """A tiny random ViT (8x8 images, patch 4: 4 patches + CLS) in eval mode."""
+    torch.manual_seed(seed)
+    cfg = NP.make_config(image_size=8, patch_size=4, n_layer=3, n_head=2, n_embd=8, mlp_ratio=2, n_class=3,
+                         m=8, **kw)
+    model = NP.ViT(cfg).to(dtype).eval()
+    with torch.no_grad():  # larger weights than the init, so that probabilities move visibly
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    x = torch.randn(4, 3, 8, 8, dtype=dtype)
+    y = torch.tensor([0, 1, 2, 1])
+    return model, cfg, x, y
+
+
+def _neuron_prob(model, x, y, edits):
+    return model(x, edits).softmax(-1).gather(1, y[:, None])[:, 0]
+
+
+def test_neuron_clamped_forward_alpha1_is_clean_alpha0_zeroes_selected():
+    model, cfg, x, y = _neuron_model()
+    logits, hbar = NP.clean_acts(model, x)
+    H = hbar[0].shape[1]
+    sel = {l: torch.rand(4, H) < 0.3 for l in range(3)}
+    for clamp in (True, False):
+        edits = lambda a: {l: (lambda h, l=l: torch.where(sel[l], a * hbar[l], hbar[l] if clamp else h))
+                           for l in range(3)}
+        assert torch.allclose(model(x, edits(1.0)), logits, atol=1e-5)
+    # alpha 0 without clamping = zeroing the selected neurons in a normal forward (the zero-out edit)
+    free0 = model(x, {l: (lambda h, l=l: torch.where(sel[l], 0 * h, h)) for l in range(3)})
+    edit0 = {l: (lambda h, l=l: torch.where(sel[l], torch.zeros_like(h), h)) for l in range(3)}
+    assert torch.allclose(free0, model(x, edit0), atol=1e-6)
+    # scaled_run's gradients are taken at exactly these states: compare p at alpha_0 = 0 via m = 1
+    G = NP.scaled_run(model, x, y, hbar, {0: sel[0]}, m=1, clamp=True)[0]  # gradient at alpha = 0
+    z = torch.where(sel[0], torch.zeros_like(hbar[0]), hbar[0]).requires_grad_()
+    g_ref, = torch.autograd.grad(_neuron_prob(model, x, y, {0: lambda h: z}).sum(), z)
+    assert torch.allclose(G[0] * sel[0], g_ref * sel[0], atol=1e-6)
+    assert not torch.allclose(model(x, edit0), logits, atol=1e-3)  # the edit does something
+
+
+def test_neuron_overwrite_gradient_matches_finite_differences():
+    model, cfg, x, y = _neuron_model(dtype=torch.float64)
+    _, hbar = NP.clean_acts(model, x)
+    hbar = [h.double() for h in hbar]
+    sel = {0: torch.ones_like(hbar[0], dtype=torch.bool), 1: torch.rand(hbar[1].shape) < 0.5}
+    m = 4
+    G = NP.scaled_run(model, x, y, hbar, sel, m, clamp=True)
+    k, b, eps = 2, 1, 1e-6  # step alpha = 2/4, image 1
+    for l, j in ((0, 3), (1, int(sel[1][b].nonzero()[0]))):
+        def p_at(delta):
+            rows = {i: torch.where(sel[i], (k / m) * hbar[i], hbar[i]).clone() for i in sel}
+            rows[l][b, j] += delta
+            return _neuron_prob(model, x, y, {i: (lambda h, i=i: rows[i]) for i in sel})[b]
+        fd = (p_at(eps) - p_at(-eps)) / (2 * eps)
+        assert abs(G[l][k, b, j].item() - fd.item()) < 1e-7 * max(1.0, abs(fd.item())) + 1e-9
+
+
+def test_neuron_ig_form_approaches_integral_as_m_grows():
+    # completeness: the textbook IG sum tends to p(alpha=1) - p(alpha=0) along the joint scaling
+    model, cfg, x, y = _neuron_model(dtype=torch.float64)
+    _, hbar = NP.clean_acts(model, x)
+    hbar = [h.double() for h in hbar]
+    path = torch.randint(0, hbar[0].shape[1], (4, 3, 1))
+    sel = NP.to_masks(path, hbar[0].shape[1])
+    rows = lambda a: {l: (lambda h, l=l: torch.where(sel[l], a * hbar[l], hbar[l])) for l in range(3)}
+    exact = (_neuron_prob(model, x, y, rows(1.0)) - _neuron_prob(model, x, y, rows(0.0))).detach()
+    errs = []
+    for m in (5, 20, 200):
+        c = NP.make_config(**{**NP.asdict(cfg), "m": m, "jas_form": "ig"})
+        errs.append((NP.jas(model, x, y, hbar, sel, c) - exact).abs().max().item())
+    assert errs[2] < errs[1] < errs[0] and errs[2] < 2e-3 * exact.abs().max().item() + 1e-6
+    assert exact.abs().max() > 1e-3  # a non-trivial integral
+
+
+def test_neuron_code_and_ig_forms_agree_for_single_neuron_and_differ_for_paths():
+    model, cfg, x, y = _neuron_model()
+    _, hbar = NP.clean_acts(model, x)
+    H = hbar[0].shape[1]
+    one = {1: torch.zeros(4, H, dtype=torch.bool).scatter_(1, torch.tensor([[3], [0], [7], [5]]), True)}
+    c_code, c_ig = cfg, NP.make_config(**{**NP.asdict(cfg), "jas_form": "ig"})
+    assert torch.allclose(NP.jas(model, x, y, hbar, one, c_code), NP.jas(model, x, y, hbar, one, c_ig), atol=1e-7)
+    path = NP.to_masks(torch.randint(0, H, (4, 3, 1)), H)
+    assert not torch.allclose(NP.jas(model, x, y, hbar, path, c_code), NP.jas(model, x, y, hbar, path, c_ig))
+
+
+def test_neuron_whole_layer_scores_on_layer_one_equal_per_candidate_reference():
+    # layer 1: the batched (m*B, step-major) whole-layer scores equal a per-step, per-image, per-candidate
+    # reference IG sum h̄_j/m * sum_k dp/dh_j at alpha_k * h̄ (= knowledge-neuron IG of layer 1)
+    model, cfg, x, y = _neuron_model()
+    _, hbar = NP.clean_acts(model, x)
+    s = NP.layer_scores(model, x, y, hbar, [], cfg)  # (B, H)
+    H, m = hbar[0].shape[1], cfg.m
+    ref = torch.zeros_like(s)
+    for b in range(4):
+        for k in range(m):
+            z = ((k / m) * hbar[0][b:b + 1]).requires_grad_()
+            g, = torch.autograd.grad(_neuron_prob(model, x[b:b + 1], y[b:b + 1], {0: lambda h: z}).sum(), z)
+            ref[b] += g[0] * hbar[0][b] / m
+    assert torch.allclose(s, ref, atol=1e-6, rtol=1e-4)
+    kn = NP.kn_ig_path(model, x, y, hbar, cfg)[:, 0, 0]
+    assert torch.equal(NP.greedy_path(model, x, y, cfg, hbar=hbar)[:, 0, 0], kn) and torch.equal(kn, ref.argmax(1))
+
+
+def _neuron_planted(distractor_bias):
+    """2 layers; neuron 5 (layer 1) and 9 (layer 2) write into the residual dimension that class 1 reads;
+    neurons 2 and 12 have the largest activation but write nothing; attention is switched off."""
+    torch.manual_seed(0)
+    cfg = NP.make_config(image_size=8, patch_size=4, n_layer=2, n_head=2, n_embd=8, mlp_ratio=2, n_class=2, m=10)
+    model = NP.ViT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.ln_f.weight.fill_(1.0)
+        model.head.weight[1, 0] = 3.0  # class 1 reads residual dimension 0
+        for l, blk in enumerate(model.h):
+            blk.ln_1.weight.fill_(1.0), blk.ln_2.weight.fill_(1.0)
+            blk.mlp.c_fc.bias.uniform_(-0.5, 0.5)
+            blk.mlp.c_fc.bias[[5, 9][l]] = 1.0  # planted: moderate activation, writes into dimension 0
+            blk.mlp.c_fc.bias[[2, 12][l]] = distractor_bias  # distractor: largest activation, writes nowhere
+            blk.mlp.c_proj.weight[2:, :].normal_(0, 0.05)  # the others write weakly elsewhere
+            blk.mlp.c_proj.weight[:, [2, 12][l]] = 0
+            blk.mlp.c_proj.weight[0, [5, 9][l]] = 2.0
+            blk.mlp.c_proj.bias[1] = 1.0  # a constant offset so that LayerNorm does not cancel the scale
+    return model, cfg
+
+
+def test_neuron_greedy_recovers_planted_neuron_and_activation_does_not():
+    x, y = torch.randn(3, 3, 8, 8), torch.tensor([1, 1, 1])
+    for bias, want_code in ((2.0, [5, 9]), (3.0, [5, 12])):
+        model, cfg = _neuron_planted(bias)
+        _, hbar = NP.clean_acts(model, x)
+        ig = NP.make_config(**{**NP.asdict(cfg), "jas_form": "ig"})
+        assert NP.greedy_path(model, x, y, ig, hbar=hbar)[:, :, 0].tolist() == [[5, 9]] * 3
+        assert NP.activation_path(hbar)[:, :, 0].tolist() == [[2, 12]] * 3
+        # the official 'product of sums' recovers the plant too, unless the distractor's activation is large
+        # enough that its cross term with the earlier path's gradient wins (a property of the code's score)
+        assert NP.greedy_path(model, x, y, cfg, hbar=hbar)[:, :, 0].tolist() == [want_code] * 3
+
+
+def test_neuron_edit_touches_only_the_cls_row():
+    model, cfg, x, y = _neuron_model()
+    seen = []
+    hook = model.h[1].mlp.register_forward_hook(lambda mod, inp, out: seen.append(out[1].detach()))
+    try:
+        clean = model(x)
+        edited = model(x, {1: lambda h: h * 2.0})
+    finally:
+        hook.remove()
+    h_clean, h_edit = seen
+    assert torch.equal(h_edit[:, 1:], h_clean[:, 1:])  # patch rows untouched
+    assert torch.allclose(h_edit[:, 0], 2 * h_clean[:, 0])  # CLS row edited
+    assert not torch.allclose(edited, clean)
+
+
+def test_neuron_topk_conditions_on_all_k_chosen_neurons():
+    model, cfg, x, y = _neuron_model()
+    _, hbar = NP.clean_acts(model, x)
+    H = hbar[0].shape[1]
+    path = NP.greedy_path(model, x, y, cfg, k=3, hbar=hbar)  # (B, L, 3)
+    assert path.shape == (4, 3, 3) and all(len(set(p.tolist())) == 3 for p in path.reshape(-1, 3))
+    masks = NP.to_masks(path, H)
+    s_all = NP.layer_scores(model, x, y, hbar, [masks[0]], cfg)
+    assert torch.equal(s_all.topk(3, dim=1).indices, path[:, 1])
+    last_only = torch.zeros_like(masks[0]).scatter_(1, path[:, 0, -1:], True)  # the official code's bug
+    assert not torch.allclose(s_all, NP.layer_scores(model, x, y, hbar, [last_only], cfg))
+
+
+def test_neuron_batched_search_with_mixed_labels_equals_per_image_search():
+    model, cfg, x, y = _neuron_model()
+    batched = NP.greedy_path(model, x, y, cfg)
+    single = torch.cat([NP.greedy_path(model, x[i:i + 1], y[i:i + 1], cfg) for i in range(4)])
+    assert torch.equal(batched, single)
+    s_b = NP.jas(model, x, y, NP.clean_acts(model, x)[1], NP.to_masks(batched, 16), cfg)
+    s_1 = torch.cat([NP.jas(model, x[i:i + 1], y[i:i + 1], NP.clean_acts(model, x[i:i + 1])[1],
+                            NP.to_masks(batched[i:i + 1], 16), cfg) for i in range(4)])
+    assert torch.allclose(s_b, s_1, atol=1e-6)
+
+
+def test_neuron_vit_b_16_mapping_matches_torchvision():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    ref = tv.models.vit_b_16(weights=None).eval()
+    with torch.no_grad():  # random, non-trivial values everywhere (zero-initialised heads included)
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.02)
+    model = NP.load_torchvision_vit_b_16(NP.ViT(NP.make_config(model="vit_b_16")), ref.state_dict()).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-4, rtol=1e-4)
+
+
+def _neuron_fake_images(name, data_dir=None, size=None):
+    """Synthetic CIFAR-shaped data: class-dependent bright stripes on noise."""
+    g = torch.Generator().manual_seed(0)
+
+    def make(n):
+        y = torch.arange(n) % 10
+        x = (torch.rand(n, 3, 32, 32, generator=g) * 80).to(torch.uint8)
+        for c in range(10):
+            x[y == c, c % 3, :, 3 * c:3 * c + 3] = 250
+        return x, y
+    return {"train": make(400), "test": make(100), "classes": [f"c{i}" for i in range(10)]}
+
+
+def test_neuron_main_tiny_writes_summary_and_paths(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "load_images", _neuron_fake_images)
+    cfg = NP.make_config(preset="tiny", out_dir=str(tmp_path), device="cpu", plot=False, epochs=1, n_train=400,
+                         n_layer=2, n_images=40, path_batch=20, m=4)
+    summary = NP.main(cfg)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert set(on_disk) >= {"clean_acc", "methods", "pruning"} and on_disk["clean_acc"] == summary["clean_acc"]
+    for k in NP.METHODS:
+        assert set(on_disk["methods"][k]) >= {"mean_jas", "zero_ratio_median", "double_ratio_median",
+                                             "acc_dev_zero", "acc_dev_double"}
+    rows = on_disk["pruning"]
+    assert {(r["K"], r["fraction"], r["kind"]) for r in rows} >= {(3, 1.0, "path"), (3, 1.0, "control")}
+    assert all(0 <= r["prob"] <= 1 and 0 <= r["acc"] <= 1 for r in rows)
+    recs = [json.loads(s) for s in (tmp_path / "paths.jsonl").read_text().splitlines()]
+    assert len(recs) == 40 and sorted(r["label"] for r in recs) == sorted(list(range(10)) * 4)
+    assert all(len(r["methods"]["greedy"]["path"]) == 2 and 0 <= min(r["methods"]["greedy"]["path"]) for r in recs)
+    for name in ("config.json", "log.jsonl", "ckpt.pt"):
+        assert (tmp_path / name).exists()
+    # the recorded score is the JAS of the recorded path (re-scored from the saved checkpoint)
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model = NP.ViT(cfg).eval()
+    model.load_state_dict(ck["model"])
+    Xte, Yte = _neuron_fake_images("cifar10")["test"]
+    r = recs[0]
+    x, y = NP.normalise(Xte[r["index"]:r["index"] + 1], cfg), Yte[r["index"]:r["index"] + 1]
+    path = torch.tensor(r["methods"]["greedy"]["path"]).view(1, 2, 1)
+    s = NP.jas(model, x, y, NP.clean_acts(model, x)[1], NP.to_masks(path, 64), cfg)
+    assert abs(s.item() - r["methods"]["greedy"]["jas"]) < 1e-5 * max(1, abs(s.item()))
+    assert NP.main(cfg)["clean_acc"] == summary["clean_acc"]  # the second run reuses the checkpoint
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(image_size=30), "not divisible by patch_size"),
+    (dict(m=0), "must be >= 1"),
+    (dict(topk="1,5000"), "MLP width"),
+    (dict(model="resnet"), "unknown model"),
+    (dict(dataset="svhn"), "unknown dataset"),
+])
+def test_neuron_bad_input_fails_at_start(tmp_path, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        NP.main(NP.make_config(out_dir=str(tmp_path), device="cpu", **kw))
+    assert not (tmp_path / "config.json").exists()  # failed before doing anything
+
+
+def test_neuron_weights_download_failure_fails_at_start(tmp_path, monkeypatch):
+    def no_network(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(urllib.request, "urlretrieve", no_network)
+    monkeypatch.setattr(data, "DATA_DIR", tmp_path)
+    with pytest.raises(RuntimeError, match="could not download the ViT-B/16 weights"):
+        NP.main(NP.make_config(model="vit_b_16", out_dir=str(tmp_path / "out"), device="cpu"))
