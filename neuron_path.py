@@ -306,13 +306,13 @@ def fetch_vit_b_16(cfg):
     path = cfg.weights or os.path.join(data.DATA_DIR, "vit_b_16", "vit_b_16-c867db91.pth")
     if not os.path.exists(path):
         if cfg.weights:
-            raise RuntimeError(f"weights file {path} does not exist")
+            raise data.DataError(f"weights file {path} does not exist")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         print(f"downloading {VIT_B_16_URL} -> {path}")
         try:
             urllib.request.urlretrieve(VIT_B_16_URL, path + ".part")
         except Exception as e:
-            raise RuntimeError(f"could not download the ViT-B/16 weights from {VIT_B_16_URL} ({e}); "
+            raise data.DataError(f"could not download the ViT-B/16 weights from {VIT_B_16_URL} ({e}); "
                                f"download it by hand to {path} or pass --weights=PATH") from None
         os.replace(path + ".part", path)
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -839,7 +839,7 @@ def load_data(cfg):
     if name == "imagenette":
         tgz = os.path.join(data.DATA_DIR, "imagenette2-160.tgz")
         if not os.path.exists(tgz):
-            raise RuntimeError(f"Imagenette not found at {tgz}: download "
+            raise data.DataError(f"Imagenette not found at {tgz}: download "
                                "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz there")
         name = f"imagefolder:{tgz}"
     size = cfg.image_size if name.startswith("imagefolder:") else None  # folders are resized (no crop)
@@ -987,4 +987,7 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config())
+    try:
+        main(parse_config())
+    except (ValueError, data.DataError) as e:  # bad input or missing files: one clear line
+        raise SystemExit(f"neuron_path: error: {e}")
