@@ -216,7 +216,10 @@ def load_split(meta, split):
     return np.memmap(Path(meta["dir"]) / f"{split}.bin", dtype=np.uint16, mode="r")
 
 
-def _to_device(x, y, device):
+def _windows(arr, starts, T, device):
+    """x = arr[s:s+T], y = arr[s+1:s+1+T] for each start s: two (len(starts), T) int64 tensors."""
+    x = torch.stack([torch.from_numpy(arr[s:s + T].astype(np.int64)) for s in starts])
+    y = torch.stack([torch.from_numpy(arr[s + 1:s + 1 + T].astype(np.int64)) for s in starts])
     if torch.device(device).type == "cuda":  # pinned host memory lets the copy overlap compute
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -228,9 +231,7 @@ def get_batch(split, batch_size, block_size, device, meta=None, generator=None):
     if len(arr) <= block_size:
         raise DataError(f"split has {len(arr)} tokens, fewer than block_size + 1 = {block_size + 1}")
     ix = torch.randint(len(arr) - block_size, (batch_size,), generator=generator).tolist()
-    x = torch.stack([torch.from_numpy(arr[i:i + block_size].astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy(arr[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
-    return _to_device(x, y, device)
+    return _windows(arr, ix, block_size, device)
 
 
 def iter_eval_batches(split, batch_size, block_size, device, meta=None):
@@ -240,15 +241,10 @@ def iter_eval_batches(split, batch_size, block_size, device, meta=None):
     n = len(arr) - 1  # number of targets
     n_full = n // block_size
     for b0 in range(0, n_full, batch_size):
-        rows = range(b0, min(b0 + batch_size, n_full))
-        x = torch.stack([torch.from_numpy(arr[r * block_size:(r + 1) * block_size].astype(np.int64)) for r in rows])
-        y = torch.stack([torch.from_numpy(arr[r * block_size + 1:(r + 1) * block_size + 1].astype(np.int64))
-                         for r in rows])
-        yield _to_device(x, y, device)
+        starts = [r * block_size for r in range(b0, min(b0 + batch_size, n_full))]
+        yield _windows(arr, starts, block_size, device)
     if n % block_size:
-        s = n_full * block_size
-        yield _to_device(torch.from_numpy(arr[s:n].astype(np.int64))[None],
-                         torch.from_numpy(arr[s + 1:n + 1].astype(np.int64))[None], device)
+        yield _windows(arr, [n_full * block_size], n % block_size, device)
 
 # -----------------------------------------------------------------------------
 # images: CIFAR-10 pickles, MNIST idx files, image folders; uint8 (N, C, H, W) cached as .npy
