@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange, einsum
+from einops import rearrange
 import data  # the shared loader: prepare_text, load_split, get_batch, iter_eval_batches
 
 # -----------------------------------------------------------------------------
@@ -164,11 +164,15 @@ class LoRALinear(nn.Linear):
         y = super().forward(x)
         if self.rank == 0 or loop is None:
             return y
-        A, B = self.lora_A[loop], self.lora_B[loop]  # int loop: (r, in); tensor loop (B,): (B, r, in)
-        if A.dim() == 2:
-            return y + (x @ A.t()) @ B.t()
-        # ALGO LOGIC: per-item loop (CDB engine): each row uses its own depth's LoRA. EXERCISE: group rows by loop
-        return y + einsum(einsum(x, A, "b t i, b r i -> b t r"), B, "b t r, b o r -> b t o")
+        if isinstance(loop, int):
+            return y + (x @ self.lora_A[loop].t()) @ self.lora_B[loop].t()
+        # ALGO LOGIC: per-row loop (B,) (CDB engine): rather than gather one adapter per row (copy + bmm),
+        # run ALL loops' A as one plain matmul (R r is small), zero the other loops' columns, then all B:
+        # exact, no gather, no host sync. EXERCISE: group rows by loop instead, time both with step_times
+        R, r = self.lora_A.shape[:2]
+        z = x @ self.lora_A.flatten(0, 1).t()                                       # (B, T, R r)
+        keep = (loop[:, None] == torch.arange(R, device=x.device)).repeat_interleave(r, 1)  # (B, R r)
+        return y + (z * keep[:, None]) @ rearrange(self.lora_B, "R o r -> (R r) o")
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, n_loops=1, rank=0):
@@ -182,13 +186,14 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, loop=None, cache=None):
         q, k, v = self.c_attn(x, loop).split(self.n_embd, dim=2)
-        q, k, v = (rearrange(t, "b t (nh hs) -> b nh t hs", nh=self.n_head) for t in (q, k, v))
+        B, T, C = x.shape  # view/transpose, not einops: einops costs ~3 us per call in the decode loop
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         mask = None
         if cache is not None:  # KV-cache hook from the engine: store this step's k, v; read all past ones
             k, v, mask = cache(k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = rearrange(y, "b nh t hs -> b t (nh hs)")
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y, loop))
 
 class MLP(nn.Module):
@@ -565,33 +570,25 @@ def serve(model, requests, max_batch, device, refill="continuous", exit_mode="no
     Tmax = max(len(p) + n for p, n in requests)
     assert Tmax <= model.config.block_size and len({len(p) for p, _ in requests}) == 1
     dt = torch.bfloat16 if device == "cuda" else torch.float32
-    kc = torch.zeros(K * R, max_batch, nh, Tmax, hs, device=device, dtype=dt)  # one cache per depth
-    vc = torch.zeros_like(kc)
+    kc, vc = (torch.zeros(K * R, max_batch, nh, Tmax, hs, device=device, dtype=dt) for _ in "kv")  # one per depth
+    # flat view: row d * max_batch + slot is depth d of a slot, so the mixed depths of one step are
+    # ONE index_select (a memcpy per row; 2-D fancy indexing is ~3x slower on CPU)
+    kf, vf = kc.view(-1, nh, Tmax, hs), vc.view(-1, nh, Tmax, hs)
     h = torch.zeros(max_batch, C, device=device)              # hidden state per slot
-    req, pos, loop = [-1] * max_batch, [0] * max_batch, [0] * max_batch
-    out, moved = [[] for _ in requests], []
-    queue, hist, steps = deque(range(len(requests))), [0] * R, 0
+    req, pos, loop, tok = [-1] * max_batch, [0] * max_batch, [0] * max_batch, [0] * max_batch
+    out, queue, hist, steps, t_pre = [[] for _ in requests], deque(range(len(requests))), [0] * R, 0, 0.0
     blocks, ar = model.transformer.h, torch.arange(Tmax, device=device)
 
-    def hook_at(d, rows, p, mask):  # attention hook: write this token's k, v at depth d, read the past
-        def hook(kk, vv):           # kk, vv (b, nh, 1, hs)
-            kc[d, rows, :, p], vc[d, rows, :, p] = kk[:, :, 0].to(dt), vv[:, :, 0].to(dt)
-            return kc[d, rows], vc[d, rows], mask                       # (b, nh, Tmax, hs)
+    def hook_at(rows, p, mask):  # attention hook: write this token's k, v at flat cache rows, read the past
+        def hook(kk, vv):        # kk, vv (b, nh, 1, hs) -> past k, v (b, nh, L, hs): only L = mask.size(-1) are live
+            kf[rows, :, p], vf[rows, :, p] = kk[:, :, 0].to(dt), vv[:, :, 0].to(dt)
+            return kf[:, :, :mask.size(-1)].index_select(0, rows), vf[:, :, :mask.size(-1)].index_select(0, rows), mask
         return hook
 
-    def start_token(s, tok):  # slot s moves on to its request's next token, or frees
-        out[req[s]].append(tok)
-        if len(out[req[s]]) == requests[req[s]][1]:
-            req[s] = -1
-        else:
-            pos[s], loop[s] = pos[s] + 1, 0
-            moved.append((s, tok, pos[s]))
-
-    def embed_moved():  # one batched embedding for every slot that moved to a new token
-        if moved:
-            s, tok, ps = (torch.tensor(v, device=device) for v in zip(*moved))
-            h[s] = model.embed(tok[:, None], ps[:, None])[:, 0].float()
-            moved.clear()
+    def start_token(s, t):  # slot s moves on to its request's next token t (embedded next step), or frees
+        out[req[s]].append(t)
+        done = len(out[req[s]]) == requests[req[s]][1]
+        req[s], pos[s], loop[s], tok[s] = -1 if done else req[s], pos[s] + 1, 0, t
 
     def admit(slots):  # prefill new requests into free slots: all loops, dense causal attention
         ids = [queue.popleft() for _ in slots]
@@ -604,10 +601,9 @@ def serve(model, requests, max_batch, device, refill="continuous", exit_mode="no
                     kc[d, st, :, :P], vc[d, st, :, :P] = kk.to(dt), vv.to(dt)
                     return kk, vv, None
                 x = blk(x, lp, hook)
-        for s, i, tok in zip(slots, ids, model.head(x[:, -1]).argmax(-1).tolist()):
+        for s, i, t in zip(slots, ids, model.head(x[:, -1]).argmax(-1).tolist()):
             req[s], pos[s] = i, P - 1
-            start_token(s, tok)
-        embed_moved()
+            start_token(s, t)
 
     sync(device)
     t0 = time.perf_counter()
@@ -615,23 +611,25 @@ def serve(model, requests, max_batch, device, refill="continuous", exit_mode="no
         while queue or any(r >= 0 for r in req):
             free = [s for s in range(max_batch) if req[s] < 0]
             if queue and free and (refill == "continuous" or len(free) == max_batch):
-                admit(free[:len(queue)])
+                t1 = time.perf_counter(); admit(free[:len(queue)])  # admit ends in a host read (.tolist): no sync
+                t_pre += time.perf_counter() - t1
                 continue  # admitted requests may already be done (n_new = 1)
             act = [s for s in range(max_batch) if req[s] >= 0]
-            idx = torch.tensor(act, device=device)
-            lp = torch.tensor([loop[s] for s in act], device=device)
-            p = torch.tensor([pos[s] for s in act], device=device)
-            mask = (ar[None, :] <= p[:, None])[:, None, None, :]      # (b, 1, 1, Tmax)
-            x = h[idx][:, None]                                        # (b, 1, C)
+            # ONE host->device copy per step: slot, loop, position, token and each block's cache row
+            st = torch.tensor([act, [loop[s] for s in act], [pos[s] for s in act], [tok[s] for s in act]]
+                              + [[(loop[s] * K + k) * max_batch + s for s in act] for k in range(K)], device=device)
+            idx, lp, p, rows = st[0], st[1], st[2], st[4:]             # rows (K, b): depth loop * K + k
+            L = max(pos[s] for s in act) + 1                           # live context: skip the empty tail
+            mask = (ar[None, :L] <= p[:, None])[:, None, None, :]      # (b, 1, 1, L)
+            # a slot at loop 0 starts a new token (its embedding); later loops carry on from h
+            x = torch.where((lp == 0)[:, None, None], model.embed(st[3, :, None], p[:, None]), h.index_select(0, idx)[:, None])
             for k, blk in enumerate(blocks):  # ALGO LOGIC: one shared-block pass, mixed loops
-                x = blk(x, lp, hook_at(lp * K + k, idx, p, mask))      # depth per slot: loop * K + k
-            h[idx] = x[:, 0].float()
-            steps += 1
-            dl = [loop[s] + 1 for s in act]                            # loops done per slot
-            ex = [False] * len(act)                                    # exits before the last loop
-            if exit_mode == "oracle":
-                ex = [dl[i] < R and dl[i] >= schedule[req[s]][pos[s]] for i, s in enumerate(act)]
-            elif exit_mode == "confidence" and any(d < R for d in dl):
+                x = blk(x, lp, hook_at(rows[k], p, mask))              # (b, 1, C)
+            h.index_copy_(0, idx, x[:, 0].float())
+            steps, dl = steps + 1, [loop[s] + 1 for s in act]          # dl: loops done per slot
+            # ex: exits before the last loop (oracle: from the teacher-forced schedule)
+            ex = [exit_mode == "oracle" and dl[i] < R and dl[i] >= schedule[req[s]][pos[s]] for i, s in enumerate(act)]
+            if exit_mode == "confidence" and any(d < R for d in dl):
                 nf = [i for i in range(len(act)) if dl[i] < R]
                 conf = model.head(x[nf, 0]).float().softmax(-1).max(-1).values.tolist()
                 for i, c in zip(nf, conf):
@@ -641,31 +639,32 @@ def serve(model, requests, max_batch, device, refill="continuous", exit_mode="no
             # ALGO LOGIC: exited tokens still owe keys/values at the depths they skip. propagate: copy
             # the exited state up (CALM) and project it with each skipped depth's c_attn + LoRA;
             # full: really run the skipped loops (the compute the paper leaves out). EXERCISE: do it lazily, FREE-style
-            xf, exited = x.clone(), [i for i in emit if ex[i]]
             for lq in range(1, R):
-                sel = [i for i in exited if dl[i] <= lq]
+                sel = [i for i in emit if ex[i] and dl[i] <= lq]   # exited tokens that skip loop lq
                 if not sel:
                     continue
-                xs, si, ps = xf[sel], idx[sel], p[sel]                 # (b', 1, C)
-                for k, blk in enumerate(blocks):
-                    if kv_fill == "full":
-                        xs = blk(xs, lq, hook_at(lq * K + k, si, ps, mask[sel]))
-                        continue
-                    _, kk, vv = blk.attn.c_attn(blk.ln_1(xs), lq).split(C, dim=2)
-                    kc[lq * K + k, si, :, ps] = rearrange(kk[:, 0], "b (nh hs) -> b nh hs", nh=nh).to(dt)
-                    vc[lq * K + k, si, :, ps] = rearrange(vv[:, 0], "b (nh hs) -> b nh hs", nh=nh).to(dt)
-                xf[sel] = xs
+                si = torch.tensor(sel, device=device)
+                rk = torch.tensor([[(lq * K + k) * max_batch + act[i] for i in sel] for k in range(K)], device=device)
+                xs, ps = x.index_select(0, si), p.index_select(0, si)   # (b', 1, C), (b',)
+                if kv_fill == "full":
+                    for k, blk in enumerate(blocks):
+                        xs = blk(xs, lq, hook_at(rk[k], ps, mask.index_select(0, si)))
+                    x.index_copy_(0, si, xs)  # later skipped loops start from here (h holds its own copy)
+                    continue
+                kv = torch.cat([blk.attn.c_attn(blk.ln_1(xs), lq)[:, 0, C:] for blk in blocks])  # (K b', 2C)
+                kf[rk.flatten(), :, ps.repeat(K)] = kv[:, :C].view(-1, nh, hs).to(dt)   # one write for all K depths
+                vf[rk.flatten(), :, ps.repeat(K)] = kv[:, C:].view(-1, nh, hs).to(dt)
             for i, s in enumerate(act):
                 if i in tok_of:
                     hist[dl[i] - 1] += 1
                     start_token(s, tok_of[i])
                 else:
                     loop[s] += 1
-            embed_moved()
     sync(device)
     wall = time.perf_counter() - t0
-    return {"tokens": out, "time_s": wall, "tok_per_s": sum(n for _, n in requests) / wall,
-            "steps": steps, "exit_hist": hist, "kv": (kc, vc)}
+    n_dec = sum(n - 1 for _, n in requests)  # decode tokens: the first token of each request comes from prefill
+    return {"tokens": out, "time_s": wall, "tok_per_s": sum(n for _, n in requests) / wall, "prefill_s": t_pre,
+            "decode_tok_per_s": n_dec / max(wall - t_pre, 1e-9), "steps": steps, "exit_hist": hist, "kv": (kc, vc)}
 
 @torch.no_grad()
 def trajectory_exits(model, requests, tokens, device):
@@ -683,23 +682,21 @@ def trajectory_exits(model, requests, tokens, device):
 @torch.no_grad()
 def step_times(model, batches, ctx, device, reps=10):
     """Measured time of one shared-block pass (K blocks, one loop) at each batch size, KV length ctx."""
-    K, C, nh = model.config.n_layer, model.config.n_embd, model.config.n_head
+    C, nh = model.config.n_embd, model.config.n_head
     dt = torch.bfloat16 if device == "cuda" else torch.float32
     res = {}
-    for b in batches:  # mixed loops (lp) so relaxed models pay their per-item LoRA gather
+    for b in batches:  # mixed loops (lp) so relaxed models pay their per-row LoRA
         kv = torch.randn(b, nh, ctx, C // nh, device=device, dtype=dt)
         hook = lambda kk, vv, kv=kv: (kv, kv, torch.ones(b, 1, 1, ctx, dtype=torch.bool, device=device))
         x0, lp = torch.randn(b, 1, C, device=device), torch.arange(b, device=device) % model.n_loops
         ts = []
         for i in range(reps + 2):
-            sync(device)
-            t0 = time.perf_counter()
+            sync(device); t0 = time.perf_counter()
             with autocast_ctx(device):
                 x = x0
                 for blk in model.transformer.h:
                     x = blk(x, lp, hook)
-            sync(device)
-            ts.append(time.perf_counter() - t0)
+            sync(device); ts.append(time.perf_counter() - t0)
         res[b] = float(np.median(ts[2:]))  # the first two are warm-up
     return res
 
@@ -909,6 +906,9 @@ def throughput(cfg, full, rec, arr, tau, device, log):
     res["cdb_confidence"] = best(rec, exit_mode="confidence", tau=tau, kv_fill=cfg.kv_fill)
     same = lambda a, b: float(np.mean([x == y for ta, tb in zip(a, b) for x, y in zip(ta, tb)]))
     th = {"measured": {k: round(v["tok_per_s"], 1) for k, v in res.items()},
+          # decode only (prefill time and each request's first token left out): the simulator's quantity
+          "measured_decode": {k: round(v["decode_tok_per_s"], 1) for k, v in res.items()},
+          "prefill_s": {k: round(v["prefill_s"], 4) for k, v in res.items()},
           "kv_fill": cfg.kv_fill, "device": device, "n_requests": cfg.n_requests, "max_batch": cfg.max_batch,
           "exit_hist_oracle": res["cdb_oracle"]["exit_hist"], "exit_hist_confidence": res["cdb_confidence"]["exit_hist"],
           "token_agreement_with_full_model_csb": same(res["full_csb"]["tokens"], res["cdb_no_exit"]["tokens"]),
@@ -932,9 +932,10 @@ def throughput(cfg, full, rec, arr, tau, device, log):
               sim_speedup_cdb_oracle_vs_csb=sim["cdb_oracle"] / sim["full_csb"],
               step_time_ms={n: {b: 1e3 * v for b, v in t.items()} for n, t in (("full", t_full), ("block", t_block))})
     log({"throughput": th})
-    print("scheduler        measured tok/s | simulated tok/s (decode steps, block time only)")
+    print("scheduler        measured tok/s (decode only) | simulated tok/s (decode steps, block time only)")
     for k in list(mt) + ["ee_sync_no_cdb"]:
-        print(f"{k:16s} {mt.get(k, float('nan')):14.1f} | {sim.get(k, float('nan')):14.1f}")
+        print(f"{k:16s} {mt.get(k, float('nan')):14.1f} ({th['measured_decode'].get(k, float('nan')):7.1f}) | "
+              f"{sim.get(k, float('nan')):14.1f}")
     print(f"CDB + oracle exits: x{th['speedup_cdb_oracle_vs_static']:.2f} vs static, x{th['speedup_cdb_oracle_vs_csb']:.2f} "
           f"vs CSB (simulator x{th['sim_speedup_cdb_oracle_vs_static']:.2f}, x{th['sim_speedup_cdb_oracle_vs_csb']:.2f}); "
           f"mean exit loop {th['mean_exit_loop']:.2f}, histogram {hist}")
