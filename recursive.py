@@ -377,7 +377,7 @@ def convert(full, n_blocks, n_loops, init="stepwise", lora_rank=0, lora_init="sv
                 if not isinstance(m, LoRALinear) or m.rank == 0:
                     continue
                 for loop in range(R):  # ALGO LOGIC: residual of depth d = loop * K + k
-                    W = src[f"transformer.h.{loop * K + k}.{mname}.weight"].float()   # (out, in)
+                    W = src[f"transformer.h.{loop * K + k}.{mname}.weight"].float().cpu()  # (out, in)
                     U, S, Vh = torch.linalg.svd(W - m.weight.float(), full_matrices=False)
                     m.lora_B[loop] = U[:, :m.rank] * S[:m.rank]  # (out, r): singular values into B
                     m.lora_A[loop] = Vh[:m.rank]                 # (r, in); zero residual -> B = 0

@@ -433,6 +433,26 @@ def test_tying_bench_tiny_counts_less_state_when_tied(tmp_path):
     assert json.loads((tmp_path / "bench.json").read_text())["cost_ratio"] == res["cost_ratio"]
 
 
+def test_tying_sweep_trains_through_a_compiled_style_forward():
+    # torch.compile's wrapper raises on len() (so on bool()): `fwd or model` crashed the first GPU bench
+    class Wrapped(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m, self.calls = m, 0
+
+        def __len__(self):
+            raise TypeError("no len")
+
+        def forward(self, *a):
+            self.calls += 1
+            return self.m(*a)
+    cfg = TR.Config(**{**TR.PRESETS["tiny"], "agent": "none"})
+    model, _ = TR.build(cfg, 50, "cpu")
+    fwd, get = Wrapped(model), lambda: (torch.randint(50, (2, 8)),) * 2
+    TR.sweep(model, TR.make_optimizer(model, cfg, "cpu"), None, cfg, 0, 1.0, get, TR.autocast_ctx("cpu", cfg),
+             lambda: 1e-3, lambda *a: None, fwd=fwd)
+    assert fwd.calls == (cfg.n_layer - 1) * cfg.steps_per_action
+
 # -----------------------------------------------------------------------------
 # recursive.py: Relaxed Recursive Transformers (conversion, SVD-LoRA, KD, early exit, CDB engine)
 

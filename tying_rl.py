@@ -687,7 +687,7 @@ def sweep(model, opt, agent, cfg, ep, eps, get, ctx, lr_fn, on_step, on_change=N
             rb = get()  # delta: CE on this batch before and after the action's LM steps
             ce_before = batch_ce(model, *rb, ctx)
         for _ in range(cfg.steps_per_action):
-            loss, norm = lm_step(fwd or model, opt, *get(), ctx, cfg, lr_fn())
+            loss, norm = lm_step(model if fwd is None else fwd, opt, *get(), ctx, cfg, lr_fn())
             on_step(loss, norm)  # logging and memory, while the gradients still exist
             opt.zero_grad(set_to_none=True)
         if agent is not None and agent.learns:
