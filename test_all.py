@@ -386,7 +386,7 @@ def _tying_run(tmp_path, out, *extra):
                  for r in map(json.loads, open(tmp_path / out / "log.jsonl"))]
 
 
-def test_tying_main_tiny_summary_seed_and_resume(tmp_path):
+def test_tying_main_tiny_summary_seed_and_resume(tmp_path, monkeypatch):
     s, la = _tying_run(tmp_path, "a")
     summ = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summ["unique_layers"] == len(set(summ["tie_map"])) and summ["n_layer"] == 4
@@ -399,7 +399,10 @@ def test_tying_main_tiny_summary_seed_and_resume(tmp_path):
     assert _tying_run(tmp_path, "b")[1] == la  # same seed -> same actions and losses
     # resume: 1 episode, then resume to 2 -> identical to the straight run
     _tying_run(tmp_path, "c", "--episodes=1")
-    assert _tying_run(tmp_path, "c", "--resume=True")[1] == la
+    loads, load = [], torch.load  # 'cpu:0' stands in for cuda: RNG states must load as CPU tensors
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("map_location")) or load(*a, **k))
+    monkeypatch.setattr(TR, "get_device", lambda pref: "cpu:0")
+    assert _tying_run(tmp_path, "c", "--resume=True")[1] == la and loads[0] == "cpu"
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["val_ppl"] == pytest.approx(summ["val_ppl"])
     # resuming with a different config is refused, naming the keys
     with pytest.raises(SystemExit, match="n_embd.*steps_per_action|lr"):

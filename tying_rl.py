@@ -712,7 +712,7 @@ def train(cfg):
     if cfg.resume:  # checked before any work, so a mismatch fails at start
         if not ckpt_path.exists():
             raise ValueError(f"--resume=True but there is no checkpoint at {ckpt_path}")
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # RNG states must stay CPU tensors
         check_resume_config(ck["config"], cfg)
     set_seed(cfg.seed)
     meta = data.prepare_text(cfg.dataset, cfg.tokenizer, cfg.data_dir or data.DATA_DIR)
@@ -828,7 +828,7 @@ def train(cfg):
     log_f.close()
     # final: the selected (best-val) checkpoint, evaluated once on the whole val and test split
     final_map = model.tie_map()
-    sel = torch.load(out / "best.pt", map_location=device, weights_only=True)
+    sel = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     restore_structure(model, sel["extras"]["structure"])
     model.load_state_dict(sel["model"])
     model.to(device)
