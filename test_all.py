@@ -436,25 +436,28 @@ def test_tying_bench_tiny_counts_less_state_when_tied(tmp_path):
     assert json.loads((tmp_path / "bench.json").read_text())["cost_ratio"] == res["cost_ratio"]
 
 
-def test_tying_sweep_trains_through_a_compiled_style_forward():
-    # torch.compile's wrapper raises on len() (so on bool()): `fwd or model` crashed the first GPU bench
-    class Wrapped(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m, self.calls = m, 0
-
-        def __len__(self):
-            raise TypeError("no len")
-
-        def forward(self, *a):
-            self.calls += 1
-            return self.m(*a)
-    cfg = TR.Config(**{**TR.PRESETS["tiny"], "agent": "none"})
-    model, _ = TR.build(cfg, 50, "cpu")
-    fwd, get = Wrapped(model), lambda: (torch.randint(50, (2, 8)),) * 2
-    TR.sweep(model, TR.make_optimizer(model, cfg, "cpu"), None, cfg, 0, 1.0, get, TR.autocast_ctx("cpu", cfg),
-             lambda: 1e-3, lambda *a: None, fwd=fwd)
-    assert fwd.calls == (cfg.n_layer - 1) * cfg.steps_per_action
+def test_tying_compiled_forward_is_one_graph_for_every_tie_map_and_exact():
+    count = lambda gm, ex: graphs.append(gm) or gm.forward  # a dynamo backend that counts graphs
+    for agent in ("none", "q"):  # none: torch.compile(model), whose wrapper raises on len(), so on
+        graphs, maps = [], set()      # bool(): `fwd or model` crashed the first GPU bench
+        cfg = TR.Config(**{**TR.PRESETS["tiny"], "agent": agent})
+        model, _ = TR.build(cfg, 50, "cpu")
+        fwd = torch.compile(model, backend=count) if agent == "none" else TR.CompiledTying(model, backend=count)
+        opt, ag, get = TR.make_optimizer(model, cfg, "cpu"), TR.make_agent(cfg, 0), lambda: (torch.randint(50, (2, 8)),) * 2
+        for ep in range(3):  # random actions: the tie map changes under the compiled forward
+            TR.sweep(model, opt, ag, cfg, ep, 1.0, get, TR.autocast_ctx("cpu", cfg), lambda: 1e-3, lambda *a: None,
+                     on_change=lambda: maps.add(tuple(model.tie_map())), fwd=fwd)
+        assert len(graphs) == (1 if ag is None else 2) and len(maps) >= (3 if ag else 0)  # q: + the reward graph
+    idx = torch.randint(50, (2, 8))
+    for mode in ("detached", "shared"):  # through AOTAutograd (what inductor gets): same logits and grads
+        m, out = _tying_model(L=4, tie_grad=mode).train(), []
+        m.tie(2, 1), m.tie(3, 0)
+        for f in (m, TR.CompiledTying(m, backend="aot_eager")):
+            m.zero_grad(set_to_none=True)
+            logits, loss = f(idx, idx)
+            loss.backward()
+            out.append([logits] + [p.grad.clone() for p in m.parameters()])
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*out))
 
 # -----------------------------------------------------------------------------
 # recursive.py: Relaxed Recursive Transformers (conversion, SVD-LoRA, KD, early exit, CDB engine)

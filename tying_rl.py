@@ -42,7 +42,6 @@ import data
 # -----------------------------------------------------------------------------
 # config
 
-
 @dataclass
 class Config:
     # data
@@ -90,7 +89,7 @@ class Config:
     # system
     device: str = "auto"           # auto (cuda -> mps -> cpu) | cuda | mps | cpu
     seed: int = 1337               # seeds torch, the data generator and the agent generator
-    compile: bool = False          # torch.compile: whole model if the tie map is static, else per block
+    compile: bool = False          # torch.compile the LM forward (compile_model: graphs survive tie-map changes)
     out_dir: str = "out/tying_rl"  # config.json, log.jsonl, ckpt.pt, best.pt, summary.json, PNGs
     plot: bool = True              # write PNGs
     resume: bool = False           # continue from out_dir/ckpt.pt
@@ -154,7 +153,6 @@ def parse_config(argv=None):
 # -----------------------------------------------------------------------------
 # utilities
 
-
 def get_device(pref="auto"):
     if pref == "auto":  # cuda -> mps -> cpu
         pref = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -194,7 +192,6 @@ def peak_flops(cfg):
 
 # -----------------------------------------------------------------------------
 # GPT (nanoGPT module names and state-dict keys) with a tie map
-
 
 @dataclass
 class GPTConfig:
@@ -381,6 +378,43 @@ class GPT(nn.Module):
         return n + 12 * self.config.n_layer * self.config.n_embd * T
 
 
+def gated_forward(model, idx, targets, params, gates):
+    """GPT.forward with the tie map as data: position i runs Block code on params[i] (its root's
+    tensors). D1 as arithmetic: w.detach() + g (w - w.detach()) equals w with g times its gradient."""
+    pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
+    x = model.transformer.drop(model.transformer.wte(idx) + model.transformer.wpe(pos))  # (B, T, C)
+    for p, g in zip(params, gates):
+        x = functional_call(model.transformer.h[0], {k: w.detach() + g * (w - w.detach()) for k, w in p.items()}, (x,))
+    logits = model.lm_head(model.transformer.ln_f(x))  # (B, T, V)
+    loss = None if targets is None else F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    return logits, loss
+
+
+class CompiledTying:
+    """torch.compile for a changing tie map. Compiling GPT.forward bakes the map into the graph
+    (a recompile per map). Here each position gets its root's tensors as fresh views (dynamo
+    specialises on inputs that are the same object, not on shared storage) and a gate (1 trains,
+    0 tied): ONE graph for every map. Price: the weight-gradient matmuls of tied positions run, x 0.
+    (init_state=official's frozen blocks still add a graph each time one of them thaws.)"""
+    def __init__(self, model, **compile_kw):
+        self.model, self.fn, self.roots = model, torch.compile(gated_forward, dynamic=False, **compile_kw), None
+
+    def __call__(self, idx, targets=None):
+        m, roots = self.model, self.model.tie_map()
+        if roots != self.roots:  # gates live on the device: no host->device copy (and sync) per step
+            g = [float(r == i or m.tie_grad == "shared") for i, r in enumerate(roots)]
+            self.roots, self.g = roots, torch.tensor(g, device=idx.device, dtype=m.lm_head.weight.dtype)
+        params = [{k: w.view_as(w) for k, w in m.transformer.h[r].named_parameters()} for r in roots]
+        return self.fn(m, idx, targets, params, self.g)
+
+
+def compile_model(model, cfg):
+    """--compile: the whole model if its tie map never changes (agent none), else CompiledTying."""
+    if not cfg.compile:
+        return model
+    return torch.compile(model) if cfg.agent == "none" else CompiledTying(model)
+
+
 def set_initial_state(model, init_state):
     """D4: 'tied' = every layer really tied to layer 0 (matches the agent's all-zero state);
     'untied' = all trainable; 'official' = state says 'copy 0' but blocks keep their own random
@@ -415,7 +449,6 @@ def restore_structure(model, st):
 
 # -----------------------------------------------------------------------------
 # optimizer bookkeeping: AdamW over exactly the parameters that currently train (D12)
-
 
 def trainable(model):
     return [p for p in model.parameters() if p.requires_grad]  # module order: deterministic
@@ -452,7 +485,6 @@ def state_bytes(model, opt):
 
 # -----------------------------------------------------------------------------
 # agents (cleanrl dqn.py names). Actions for layer l: 0..l-1 = copy that layer, l = train.
-
 
 def block_slice(l):
     """Layer l's outputs in the concatenated head: offset l(l+1)/2, length l+1 (tying_rl.md 1.3)."""
@@ -581,7 +613,6 @@ def make_agent(cfg, seed):
 # -----------------------------------------------------------------------------
 # eval, reward, one LM step
 
-
 @torch.no_grad()
 def evaluate(model, arr, cfg, device, ctx, max_batches=0):
     """Perplexity over the split (every target once, data.iter_eval_batches): exp(sum CE / n)."""
@@ -599,11 +630,11 @@ def evaluate(model, arr, cfg, device, ctx, max_batches=0):
 
 
 @torch.no_grad()
-def batch_ce(model, x, y, ctx):
+def batch_ce(model, x, y, ctx, fwd=None):
     """CE of one batch in eval mode (dropout off), as official evaluate_on_samples."""
     model.eval()
     with ctx:
-        _, loss = model(x, y)
+        _, loss = (model if fwd is None else fwd)(x, y)
     model.train()
     return loss.item()
 
@@ -644,7 +675,6 @@ def lm_step(model, opt, x, y, ctx, cfg, lr):
 # -----------------------------------------------------------------------------
 # training
 
-
 def build(cfg, vocab_size, device):
     torch.manual_seed(cfg.seed)
     gcfg = GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
@@ -674,7 +704,7 @@ def sweep(model, opt, agent, cfg, ep, eps, get, ctx, lr_fn, on_step, on_change=N
     """One episode. ALGO LOGIC: for l = 1..L-1: the agent acts on layer l (tie or train), the LM
     takes steps_per_action steps, the reward comes from one fresh training batch in eval mode, the
     agent takes one TD / policy-gradient step. agent=None (baseline): same LM steps, no actions."""
-    recs = []
+    recs, fwd = [], model if fwd is None else fwd  # fwd: a compiled forward (never `fwd or model`)
     for l in range(1, cfg.n_layer):
         src = list(model.src)  # EXERCISE: let the agent pick all L-1 actions at once instead
         a = l if agent is None else agent.act(src, l, eps, ep)
@@ -685,13 +715,13 @@ def sweep(model, opt, agent, cfg, ep, eps, get, ctx, lr_fn, on_step, on_change=N
         rb = ce_before = None
         if agent is not None and agent.learns and cfg.reward == "delta":
             rb = get()  # delta: CE on this batch before and after the action's LM steps
-            ce_before = batch_ce(model, *rb, ctx)
+            ce_before = batch_ce(model, *rb, ctx, fwd)
         for _ in range(cfg.steps_per_action):
-            loss, norm = lm_step(model if fwd is None else fwd, opt, *get(), ctx, cfg, lr_fn())
+            loss, norm = lm_step(fwd, opt, *get(), ctx, cfg, lr_fn())
             on_step(loss, norm)  # logging and memory, while the gradients still exist
             opt.zero_grad(set_to_none=True)
         if agent is not None and agent.learns:
-            ce = batch_ce(model, *(get() if rb is None else rb), ctx)  # official: fresh train batch
+            ce = batch_ce(model, *(get() if rb is None else rb), ctx, fwd)  # official: fresh train batch
             r, sat = reward_from_ce(ce, cfg, ce_before, sum(structure(model)["trains"]))
             info = agent.update(src, l, a, r, list(model.src))
             recs.append(dict(kind="agent", episode=ep, layer=l, action=a, reward=r, saturated=sat,
@@ -732,7 +762,7 @@ def train(cfg):
         restore_structure(model, ck["extras"]["structure"])
         model.load_state_dict(ck["model"])
         model.to(device)
-    opt = make_optimizer(model, cfg, device)
+    opt, fwd = make_optimizer(model, cfg, device), compile_model(model, cfg)  # fwd: LM steps only
     if ck is not None:
         ex = ck["extras"]
         opt.load_state_dict(ck["optimizer"])
@@ -785,7 +815,7 @@ def train(cfg):
         t_ep = time.time()
         try:
             recs = sweep(model, opt, agent, cfg, ep, S["eps"], get, ctx,
-                         lambda: get_lr(S["step"], total, cfg), on_step, on_change)
+                         lambda: get_lr(S["step"], total, cfg), on_step, on_change, fwd)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"{e} at step {S['step']}: stopping; the last good checkpoint is "
                                 f"{ckpt_path if ckpt_path.exists() else '(none yet)'}") from None
@@ -858,7 +888,6 @@ def train(cfg):
 # -----------------------------------------------------------------------------
 # benchmark: tokens/s and MFU of the baseline vs a dynamic-tying step (agent + reward included)
 
-
 def bench(cfg):
     """Baseline vs dynamic tying at the --n_layer/--n_embd/--block_size/--batch_size shape
     (main sets GPT-2 small: 12 x 768, T 1024, B 12, vocab 50304 as nanoGPT's bench.py).
@@ -876,15 +905,8 @@ def bench(cfg):
     for name in ("baseline", "tying"):
         c = Config(**{**asdict(cfg), "agent": "none" if name == "baseline" else "q", "dropout": 0.0})
         model, _ = build(c, V, device)
-        opt, agent, fwd = make_optimizer(model, c, device), make_agent(c, c.seed), model
-        if cfg.compile and agent is None:  # static tie map: compile the whole model
-            fwd = torch.compile(model)
-        compile_blocks = lambda: [b.compile() for b in model.transformer.h  # changing tie map:
-                                  if isinstance(b, Block) and b._compiled_call_impl is None]  # per block
-        if cfg.compile and agent is not None:
-            compile_blocks()
-        run = lambda eps: sweep(model, opt, agent, c, 0, eps, get, ctx, lambda: c.lr, lambda *a: None,
-                                compile_blocks if cfg.compile else None, fwd)
+        opt, agent, fwd = make_optimizer(model, c, device), make_agent(c, c.seed), compile_model(model, c)
+        run = lambda eps: sweep(model, opt, agent, c, 0, eps, get, ctx, lambda: c.lr, lambda *a: None, fwd=fwd)
         run(1.0)  # warm-up (and compilation); for tying a random sweep, as early in training
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -896,12 +918,9 @@ def bench(cfg):
         dt = (time.time() - t0) / (cfg.bench_steps * (c.n_layer - 1) * c.steps_per_action)
         tps = cfg.batch_size * cfg.block_size / dt
         mfu = model.flops_per_token(cfg.block_size) * tps / fl if fl else None
-        model.eval()
-        with torch.no_grad(), ctx:  # compiled and eager forward must agree (eager: blocks uncompiled)
-            x, impl = get()[0], [(b, b._compiled_call_impl) for b in model.transformer.h]
-            out_c = fwd(x)[0].float()
-            [setattr(b, "_compiled_call_impl", None) for b, _ in impl]
-            diff = (out_c - model(x)[0].float()).abs().max().item()
+        with ctx:  # compiled and eager forward must agree (train mode, targets: the graph just timed)
+            x = get()
+            diff = (fwd(*x)[0].float() - model(*x)[0].float()).abs().max().item()
         res[name] = dict(ms_per_step=1000 * dt, tokens_per_s=tps, mfu=mfu, tie_map=model.tie_map(),
                          trainable_params=model.num_params(True), compile_max_abs_diff=diff,
                          counted_mem_bytes=state_bytes(model, opt),
@@ -918,7 +937,6 @@ def bench(cfg):
 
 # -----------------------------------------------------------------------------
 # plots
-
 
 def save_plots(out, cfg):
     """Four PNGs from log.jsonl: tie map heat map, perplexity, params + memory, reward + eps."""
