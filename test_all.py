@@ -614,6 +614,12 @@ def test_recursive_distillation_zero_when_student_equals_teacher():
     ce = F.cross_entropy(a.flatten(0, 1), y.flatten())
     assert torch.allclose(RR.uptrain_loss(a, y, a.clone(), 0.5, 1.0), 0.5 * ce, atol=1e-6)
     assert torch.allclose(RR.uptrain_loss(a, y, b, 0.0, 1.0), ce)
+    for temp in (1.0, 2.0):  # the T = 1 mixed-target form: the same value and gradient as CE + KL spelled out
+        s1, s2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+        want = 0.3 * F.cross_entropy(s1.flatten(0, 1), y.flatten()) + 0.7 * RR.kd_loss(s1, b, temp)
+        got = RR.uptrain_loss(s2, y, b, 0.7, temp)
+        assert torch.allclose(got, want, atol=1e-6)
+        assert torch.allclose(*(torch.autograd.grad(v, x)[0] for v, x in ((want, s1), (got, s2))), atol=1e-7)
 
 
 def test_recursive_early_exit_loss_weights():
