@@ -10,7 +10,10 @@
 # results.json (every summary.json and bench.json) and log.txt.
 #   usage (repo root, GPU machine):  bash .ci/gpu_check.sh [DEADLINE_S] [ALONE] [SHARED] [LAST]
 #   ALONE, SHARED, LAST: space-separated job names from cmd() below ("" = none); the defaults are
-#   what the README's "Still to measure" list asks for, most important first.
+#   what the README's "Still to measure" list asks for, most important first. They do not all fit
+#   one session. Rough times from the 2026-11-27 H100 session: tying_bench_c 2-3 min (compiles),
+#   paper_* 1.5 min each, tying_q / tying_none 5520 steps (episode 32 of 60 in 406 s, shared),
+#   recursive > 8 min from scratch, neuron 6 min shared (50 epochs), abl_* 2.5-3.5 min shared.
 # Data: copy it in here first (git-ignored) and name the folders in the device tool's `carry`:
 #   mkdir -p data/ptb data/tiktoken data/cifar10-jpg
 #   cp ../shared/data/ptb/* data/ptb/; cp ../shared/data/tiktoken/* data/tiktoken/
