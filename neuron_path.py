@@ -20,8 +20,8 @@ Run:
   python neuron_path.py --model=vit_b_16 --dataset=imagefolder:data/imagenette2-160.tgz --n_images=500
   python neuron_path.py --bench=True --model=vit_b_16 --weights=random   # path-search speed (GPU)
 Expected (H100): the target is >= 80% CIFAR-10 test accuracy and the whole default run (training plus
-the analysis of 1,000 test images) within 5 minutes. NOT YET MEASURED on a GPU; the README gives the
-CPU-scale figures.
+the analysis of 1,000 test images) within 5 minutes. Measured on an H100 (README): 78.3% after 50
+epochs, below the target; --epochs=100 and the wall time alone are not yet measured.
 """
 import argparse
 import inspect

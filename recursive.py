@@ -20,7 +20,7 @@ Run:
   python recursive.py --init_from=gpt2 --n_loops=2  # start from GPT-2 124M (downloads 500 MB)
   python recursive.py --stage=study --runs=rec_stepwise,relaxed_average_r64
 Outputs in out/recursive/: config.json, log.jsonl, ckpt/*.pt (stage caches), summary.json, *.png.
-Expected: H100 time and numbers not yet measured; the CPU-scale results are in the README.
+Expected: the H100 study table and early exits are in the README (CDB throughput: not yet measured).
 Dimension letters: B batch, T time, C n_embd, nh heads, hs head size, R loops, r LoRA rank.
 """
 import argparse, hashlib, json, math, os, random, sys, time, urllib.request

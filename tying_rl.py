@@ -20,7 +20,7 @@ Run (PTB, GPT-2 tokenizer; copy data first: mkdir -p data/ptb && cp <ptb files> 
     python tying_rl.py --preset=tiny --device=cpu   # CPU smoke run, under a minute
     python tying_rl.py --preset=paper --episodes=2  # paper scale (48 x 1600), memory check
     python tying_rl.py --mode=bench --compile=True  # speed: GPT-2-small shape, tokens/s, MFU
-Expected results and measured numbers: see the README (GPU figures are not yet measured).
+Expected results and measured numbers (H100 and CPU, with what is not yet measured): see the README.
 """
 import json
 import math
