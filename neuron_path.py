@@ -69,7 +69,7 @@ class Config:
     batch_size: int = 512  # training batch
     lr: float = 1e-3  # AdamW peak lr (1e-3 .. 3e-3)
     weight_decay: float = 0.05  # AdamW weight decay
-    warmup_epochs: int = 2  # linear warmup, then cosine to 0
+    warmup_epochs: int = 2  # linear warmup (times the cosine to 0 that spans the whole run)
     label_smoothing: float = 0.1  # cross-entropy label smoothing
     retrain: bool = False  # ignore a finished checkpoint in out_dir and train again
     # method
@@ -86,7 +86,7 @@ class Config:
     preset: str = ""  # '' | tiny (CPU, about a minute)
     device: str = "auto"  # auto | cuda | mps | cpu
     seed: int = 42
-    compile: bool = False  # torch.compile the attention modules (bench and training)
+    compile: bool = False  # torch.compile the model for training; the bench compiles the attention modules
     bench: bool = False  # only time the path search on random images and exit
     bench_images: int = 40  # images per precision in the bench
     out_dir: str = "out/neuron_path"
@@ -166,6 +166,9 @@ def fracs(s):  # "0.1,0.5" -> [0.1, 0.5]
 
 
 def get_device(pref="auto"):
+    if pref.startswith("cuda:"):  # cuda:N -> "cuda" on that GPU: the checks below compare device == "cuda"
+        torch.cuda.set_device(torch.device(pref))
+        return "cuda"
     if pref != "auto":
         return pref
     if torch.cuda.is_available():
@@ -632,6 +635,13 @@ def evaluate(model, X, Y, cfg, device, bs=1000):
     return correct / len(X)
 
 
+def same_run(ck, cfg):
+    """A saved ckpt.pt is this run's model if its shape and training recipe equal cfg's (else: retrain)."""
+    keys = ("image_size", "patch_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "n_class", "epochs",
+            "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing", "n_train", "dataset")
+    return all(ck["config"].get(k) == getattr(cfg, k) for k in keys)
+
+
 def train_vit(model, ds, cfg, device, log):
     """AdamW + warmup/cosine, label smoothing, crop + flip, bf16 autocast on CUDA; saves ckpt.pt per epoch."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -644,11 +654,13 @@ def train_vit(model, ds, cfg, device, log):
     total = cfg.epochs * steps_per_epoch
     warm = min(cfg.warmup_epochs * steps_per_epoch, total // 4)  # short runs: at most a quarter warms up
     start_epoch, history = 0, []
-    if os.path.exists(ckpt_path) and not cfg.retrain:  # resume an unfinished run
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+    ck = torch.load(ckpt_path, map_location=device, weights_only=True) if os.path.exists(ckpt_path) else None
+    if ck and not cfg.retrain and not ck["extras"]["done"] and same_run(ck, cfg):  # resume an unfinished run
         model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
         start_epoch, history = ck["extras"]["epoch"], ck["extras"]["history"]
         print(f"resuming from {ckpt_path} at epoch {start_epoch}")
+    elif ck:  # --retrain, or another shape or recipe (e.g. --preset=tiny before, same out_dir)
+        print(f"not resuming {ckpt_path} (--retrain, or other model or training settings): training from scratch")
     fwd_model = torch.compile(model) if cfg.compile else model
     for blk in model.h:  # fused attention for training on CUDA; attribution keeps the explicit softmax
         blk.attn.sdpa = device == "cuda"
@@ -890,8 +902,7 @@ def main(cfg):
     history, ckpt_path = [], os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.model == "vit_cifar":
         ck = torch.load(ckpt_path, map_location=device, weights_only=True) if os.path.exists(ckpt_path) else None
-        arch = ("image_size", "patch_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "n_class")
-        if ck and not cfg.retrain and ck["extras"]["done"] and all(ck["config"][a] == getattr(cfg, a) for a in arch):
+        if ck and not cfg.retrain and ck["extras"]["done"] and same_run(ck, cfg):
             model.load_state_dict(ck["model"])
             history = ck["extras"]["history"]
             print(f"reusing the trained model in {ckpt_path}")

@@ -119,13 +119,17 @@ def parse_config(argv=None):
         raise ValueError(f"unknown preset {args['preset']!r}: use tiny")
     return Config(**{**asdict(Config()), **(TINY if args.get("preset") == "tiny" else {}), **args})
 
-def get_device(pref="auto"):  # cuda -> mps -> cpu unless given
+def get_device(pref="auto"):  # cuda -> mps -> cpu unless given; cuda:N -> "cuda" on that GPU
+    if pref.startswith("cuda:"):  # every check below compares device == "cuda"
+        torch.cuda.set_device(torch.device(pref)); return "cuda"
     mps = torch.backends.mps.is_available()
     return pref if pref != "auto" else "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
 
-def autocast_ctx(device):  # bf16 autocast on CUDA with bf16 support, else fp32 (no fp16, no GradScaler)
-    ok = device == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast("cuda", dtype=torch.bfloat16) if ok else nullcontext()
+def amp_dtype(device):  # bf16 on CUDA with bf16 support, else fp32 (no fp16, no GradScaler)
+    return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+def autocast_ctx(device):  # the KV caches of the engine use the same dtype (amp_dtype)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if amp_dtype(device) == torch.bfloat16 else nullcontext()
 
 def set_seed(seed):
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
@@ -422,13 +426,13 @@ def uptrain_loss(logits, targets, t_logits, kd_weight, temp):
     """(1 - lambda) CE + lambda FKL from the full model (Sec. 3.6; lambda, T are not given by the paper).
     At T = 1 that is ONE cross-entropy against the mixed target q = (1 - lambda) onehot(y) + lambda p_T,
     minus lambda H(p_T), a constant: one (N, V) student log-softmax instead of two (1.8x faster on CPU)."""
-    s, y = logits.flatten(0, 1).float(), targets.flatten()  # (N, V), (N,)
+    s, y = logits.flatten(0, 1).float(), targets.flatten()  # (N, V), (N,) token ids (no ignore_index)
     if t_logits is None or kd_weight == 0 or temp != 1:
         ce = F.cross_entropy(s, y)
         return ce if t_logits is None or kd_weight == 0 else (1 - kd_weight) * ce + kd_weight * kd_loss(logits, t_logits, temp)
     with torch.no_grad():
         t = F.log_softmax(t_logits.flatten(0, 1).float(), -1)
-        q = t.exp(); h = -(q * t).sum(-1).mean()  # p_T (N, V) and H(p_T): the logged value stays CE + KL
+        q = t.exp(); h = -(q * t).sum(-1).mean(); del t  # p_T (N, V) and H(p_T): the logged value stays CE + KL
         q.mul_(kd_weight)[torch.arange(len(y), device=y.device), y] += 1 - kd_weight
     return F.cross_entropy(s, q) - kd_weight * h
 
@@ -467,8 +471,9 @@ def train(model, train_arr, cfg, device, iters, lr, teacher=None, ee=False, name
     T, C, depth = model.config.block_size, model.config.n_embd, model.config.n_layer * model.n_loops
     # FLOPs/token (PaLM / nanoGPT): 6 x weights that run (looped blocks count R times; wpe excluded)
     # + attention, + 2 x the teacher's weights for its forward pass
-    n_flop = 6 * (model.num_params(False) - model.transformer.wpe.weight.numel() + model.num_params()
-                  * (model.n_loops - 1)) + 12 * depth * C * T + 2 * (teacher.num_params(False) if teacher else 0)
+    shared = model.num_params() - sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)  # LoRA: once
+    n_flop = 6 * (model.num_params(False) - model.transformer.wpe.weight.numel() + shared * (model.n_loops - 1)) \
+        + 12 * depth * C * T + 2 * (teacher.num_params(False) if teacher else 0)
     peak, hist, t_log, it_log = peak_flops(cfg, device), [], time.perf_counter(), -1
     for it in range(iters):
         for g in opt.param_groups:
@@ -539,10 +544,12 @@ def confidence_exits(maxp, tau):
     return oracle_exits(torch.cat([maxp[:-1] >= tau, maxp[-1:] >= 0]))  # the last loop always exits
 
 def calibrate_tau(maxp, agree, target):
-    """Smallest tau (most exits) whose confidence exits agree with the last loop on >= target of tokens.
+    """Smallest tau (most exits) whose confidence exits agree with the last loop on >= target of ALL tokens
+    (notes §10; §4.2's "of the exits" is stricter: fewer exits).
     EXERCISE: calibrate the top-1 - top-2 margin, or hidden-state saturation (CALM), instead."""
     n = agree.shape[1]
-    cands = torch.quantile(maxp[:-1].flatten()[:100_000], torch.linspace(0, 1, 101)).tolist() + [1.01]
+    sub = maxp[:-1, ::max(1, n * (maxp.shape[0] - 1) // 100_000)]  # <= ~100k values from every early loop
+    cands = torch.quantile(sub.flatten(), torch.linspace(0, 1, 101)).tolist() + [1.01]
     for tau in sorted(set(cands)):
         e = confidence_exits(maxp, tau)
         if agree[e - 1, torch.arange(n)].float().mean() >= target:
@@ -567,8 +574,9 @@ def serve(model, requests, max_batch, device, refill="continuous", exit_mode="no
     Each slot holds (request, position, loop); one engine step runs ONE pass of the K blocks over
     all active slots, each at its own loop with its own depth's LoRA, reading and writing a KV cache
     indexed by effective depth d = loop * K + k. A full model is the case K = N, R = 1.
-    refill: static (the next batch starts when the whole batch is done) | continuous (a freed slot
-    takes the next queued request at once: CSB for R = 1, CDB for R > 1).
+    refill: static (the next batch starts when the whole batch is done; finished rows compute on until
+    then, as padded batch generation: notes §4.5 C.1) | continuous (a freed slot takes the next queued
+    request at once: CSB for R = 1, CDB for R > 1).
     exit_mode: none | oracle (schedule[req][pos] = exit loop from teacher-forced trajectories, as in
     the paper) | confidence (max prob >= tau). kv_fill: how exited tokens get the KV of the depths
     they skip: propagate (project the exited state) | full (run the skipped loops, charged)."""
@@ -576,7 +584,7 @@ def serve(model, requests, max_batch, device, refill="continuous", exit_mode="no
     nh, hs = model.config.n_head, C // model.config.n_head
     Tmax = max(len(p) + n for p, n in requests)
     assert Tmax <= model.config.block_size and len({len(p) for p, _ in requests}) == 1
-    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    dt = amp_dtype(device)
     kc, vc = (torch.zeros(K * R, max_batch, nh, Tmax, hs, device=device, dtype=dt) for _ in "kv")  # one per depth
     # flat view: row d * max_batch + slot is depth d of a slot, so the mixed depths of one step are
     # ONE index_select (a memcpy per row; 2-D fancy indexing is ~3x slower on CPU)
@@ -593,8 +601,10 @@ def serve(model, requests, max_batch, device, refill="continuous", exit_mode="no
         return hook
 
     def start_token(s, t):  # slot s moves on to its request's next token t (embedded next step), or frees
-        out[req[s]].append(t)
-        done = len(out[req[s]]) == requests[req[s]][1]
+        o, n = out[req[s]], requests[req[s]][1]
+        if len(o) < n:  # (a finished row of a static batch computes on; its tokens are dropped)
+            o.append(t)
+        done = len(o) == n and refill != "static"  # static: the whole batch frees at once (below)
         req[s], pos[s], loop[s], tok[s] = -1 if done else req[s], pos[s] + 1, 0, t
 
     def admit(slots):  # prefill new requests into free slots: all loops, dense causal attention
@@ -618,7 +628,7 @@ def serve(model, requests, max_batch, device, refill="continuous", exit_mode="no
         while queue or any(r >= 0 for r in req):
             free = [s for s in range(max_batch) if req[s] < 0]
             if queue and free and (refill == "continuous" or len(free) == max_batch):
-                t1 = time.perf_counter(); admit(free[:len(queue)])  # admit ends in a host read (.tolist): no sync
+                sync(device); t1 = time.perf_counter(); admit(free[:len(queue)])  # admit ends in a host read (.tolist)
                 t_pre += time.perf_counter() - t1
                 continue  # admitted requests may already be done (n_new = 1)
             act = [s for s in range(max_batch) if req[s] >= 0]
@@ -663,10 +673,12 @@ def serve(model, requests, max_batch, device, refill="continuous", exit_mode="no
                 vf[rk.flatten(), :, ps.repeat(K)] = kv[:, C:].view(-1, nh, hs).to(dt)
             for i, s in enumerate(act):
                 if i in tok_of:
-                    hist[dl[i] - 1] += 1
+                    hist[dl[i] - 1] += len(out[req[s]]) < requests[req[s]][1]
                     start_token(s, tok_of[i])
                 else:
                     loop[s] += 1
+            if refill == "static" and all(len(out[req[s]]) == requests[req[s]][1] for s in act):
+                req[:] = [-1] * max_batch  # the longest request of the batch is done: the batch ends
     sync(device)
     wall = time.perf_counter() - t0
     n_dec = sum(n - 1 for _, n in requests)  # decode tokens: the first token of each request comes from prefill
@@ -690,7 +702,7 @@ def trajectory_exits(model, requests, tokens, device):
 def step_times(model, batches, ctx, device, reps=10):
     """Measured time of one shared-block pass (K blocks, one loop) at each batch size, KV length ctx."""
     C, nh = model.config.n_embd, model.config.n_head
-    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    dt = amp_dtype(device)
     res = {}
     for b in batches:  # mixed loops (lp) so relaxed models pay their per-row LoRA
         kv = torch.randn(b, nh, ctx, C // nh, device=device, dtype=dt)
@@ -710,7 +722,8 @@ def step_times(model, batches, ctx, device, reps=10):
 def simulate(lengths, exits, t_step, max_batch, mode, R):
     """The paper's simulator (Sec. 3.8, App. K): all requests queued at t=0; time advances by the
     measured step time at the current active batch. lengths: decode tokens per request; exits[i]:
-    exit loop per token. mode: static | csb (one step = one full-model pass) | cdb (one step = one
+    exit loop per token. mode: static (a batch costs t(its size) per step until its longest request
+    ends) | csb (one step = one full-model pass) | cdb (one step = one
     loop of the shared block) | ee_sync (early exit, no CDB: a batch step waits for its slowest token).
     Returns (tokens/s, steps). t_step: batch size -> seconds."""
     bs = sorted(t_step)
@@ -728,7 +741,8 @@ def simulate(lengths, exits, t_step, max_batch, mode, R):
             s[2] += 1
             if mode != "cdb" or s[2] >= (exits[s[0]][s[1]] if exits else R):
                 s[1], s[2] = s[1] + 1, 0
-        slots = [s for s in slots if s[1] < lengths[s[0]]]  # finished requests leave
+        if mode != "static" or all(s[1] >= lengths[s[0]] for s in slots):  # static: finished rows idle
+            slots = [s for s in slots if s[1] < lengths[s[0]]]  # in the batch until it ends; else they leave
     return sum(lengths) / total, steps
 
 # -----------------------------------------------------------------------------
@@ -764,8 +778,8 @@ def check_config(cfg):
             (cfg.init_from == "gpt2" and cfg.tokenizer != "gpt2", "init_from=gpt2 needs tokenizer=gpt2"),
             (cfg.kv_fill not in ("propagate", "full"), f"unknown kv_fill {cfg.kv_fill!r}: use propagate or full"),
             (not 0 <= cfg.kd_weight <= 1, f"kd_weight must be in [0, 1], got {cfg.kd_weight}"),
-            (cfg.prompt_len + cfg.gen_max > cfg.block_size or not 1 <= cfg.gen_min <= cfg.gen_max,
-             "need 1 <= gen_min <= gen_max and prompt_len + gen_max <= block_size")]:
+            (cfg.prompt_len + cfg.gen_max > cfg.block_size or not 2 <= cfg.gen_min <= cfg.gen_max,
+             "need 2 <= gen_min <= gen_max (>= 1 decode step) and prompt_len + gen_max <= block_size")]:
         if bad:
             raise ValueError(msg)
     for name in cfg.runs.split(","):

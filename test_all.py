@@ -285,6 +285,12 @@ def test_tying_untie_clone_separates_storage_alias_shares(mode):
         assert torch.equal(p, q) and p.requires_grad and p is not q
         assert (p.data_ptr() == q.data_ptr()) == (mode == "alias")
     assert m.tie_map() == [0, 1, 2]
+    assert TR.make_optimizer(m, TR.Config(untie=mode), "cpu").defaults["foreach"] is (False if mode == "alias" else None)
+    st, sd = TR.structure(m), {k: v.clone() for k, v in m.state_dict().items()}
+    m.tie(1, 0), m.apply_action(1, 1, untie=mode)  # h[1] now shares h[0]'s storage (alias) or copies it
+    TR.restore_structure(m, st)  # a reused aliased Block would load layers 0 and 1 into one storage
+    m.load_state_dict(sd)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in sd.items())
 
 
 def test_tying_tied_block_leaves_optimizer_and_state_is_freed():
@@ -438,9 +444,9 @@ def test_tying_bench_tiny_counts_less_state_when_tied(tmp_path):
 
 def test_tying_compiled_forward_is_one_graph_for_every_tie_map_and_exact():
     count = lambda gm, ex: graphs.append(gm) or gm.forward  # a dynamo backend that counts graphs
-    for agent in ("none", "q"):  # none: torch.compile(model), whose wrapper raises on len(), so on
-        graphs, maps = [], set()      # bool(): `fwd or model` crashed the first GPU bench
-        cfg = TR.Config(**{**TR.PRESETS["tiny"], "agent": agent})
+    for agent, init in (("none", "tied"), ("q", "tied"), ("q", "official")):  # none: torch.compile(model),
+        graphs, maps = [], set()  # whose wrapper raises on len(), so on bool(): `fwd or model` crashed the
+        cfg = TR.Config(**{**TR.PRESETS["tiny"], "agent": agent, "init_state": init})  # first GPU bench
         model, _ = TR.build(cfg, 50, "cpu")
         fwd = torch.compile(model, backend=count) if agent == "none" else TR.CompiledTying(model, backend=count)
         opt, ag, get = TR.make_optimizer(model, cfg, "cpu"), TR.make_agent(cfg, 0), lambda: (torch.randint(50, (2, 8)),) * 2
@@ -661,6 +667,11 @@ def test_recursive_cdb_without_exits_is_greedy_decoding_and_refills():
     cont = RR.serve(rec, reqs, 3, "cpu")
     stat = RR.serve(rec, reqs, 3, "cpu", refill="static")
     assert cont["steps"] < stat["steps"]  # refilling freed slots saves steps
+    blk, sizes = full.transformer.h[0], []  # static batching: finished rows compute on until the batch ends
+    blk.forward = lambda x, *a, f=blk.forward: sizes.append(x.shape[:2]) or f(x, *a)
+    RR.serve(full, reqs, 3, "cpu", refill="static")   # batches [3, 9, 1], [6, 12, 4], [8]
+    del blk.forward
+    assert {b for b, t in sizes if t == 1} == {3, 1}  # decode steps never run a shrunken batch of 2
 
 
 def test_recursive_cdb_kv_cache_has_one_entry_per_depth():
@@ -716,6 +727,7 @@ def test_recursive_simulator_planted_schedules():
     t = {1: 1.0, 2: 1.0}  # 1 s per step whatever the batch
     L = [1, 4, 3]
     assert RR.simulate(L, None, t, 2, "static", 1) == (8 / 7, 7)   # [1, 4] takes 4 steps, then [3]
+    assert RR.simulate(L, None, {1: 1.0, 2: 3.0}, 2, "static", 1) == (8 / 15, 7)  # 4 steps at t(2), 3 at t(1)
     assert RR.simulate(L, None, t, 2, "csb", 1) == (8 / 4, 4)      # slot of request 0 refilled at once
     assert RR.simulate(L, None, t, 2, "cdb", 2) == (8 / 8, 8)      # no exits: 2 loops per token
     ones = [[1] * n for n in L]
@@ -755,6 +767,7 @@ def test_recursive_main_tiny_writes_summary(tmp_path, capsys):
     (dict(lora_rank=-1), "lora_rank must be >= 0"),
     (dict(runs="relaxed_average_r-3"), "rank must be >= 0"),
     (dict(init="middle"), "unknown init"),
+    (dict(gen_min=1, gen_max=1), "2 <= gen_min"),  # no decode step: the simulator would divide by 0
 ])
 def test_recursive_bad_config_fails_before_writing(tmp_path, kw, msg):
     cfg = _rr_cfg(tmp_path, **kw)
@@ -991,6 +1004,9 @@ def test_neuron_main_tiny_writes_summary_and_paths(tmp_path, monkeypatch):
     s = NP.jas(model, x, y, NP.clean_acts(model, x)[1], path, cfg)
     assert abs(s.item() - greedy["jas"]) < 1e-5 * max(1, abs(s.item()))
     assert NP.main(cfg)["clean_acc"] == summary["clean_acc"]  # the second run reuses the checkpoint
+    for kw in (dict(n_layer=1), dict(epochs=2)):  # another shape or recipe in the same out_dir: retrain, no crash
+        NP.main(NP.make_config(**{**asdict(cfg), "n_images": 0, **kw}))
+        assert all(torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"][k] == v for k, v in kw.items())
 
 
 @pytest.mark.parametrize("kw, msg", [

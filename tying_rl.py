@@ -373,7 +373,9 @@ class GPT(nn.Module):
         positions and frozen blocks (no weight-gradient matmul), every position counted (effective
         depth) + attention 12*L*C*T; position embeddings excluded."""
         per_block = sum(p.numel() for p in self.transformer.h[0].parameters())  # layer 0 always owns
-        grads = [self.tie_grad == "shared" or s for s in structure(self)["trains"]]
+        st = structure(self)  # shared: a tied position's weight gradient goes to its (trainable) root
+        grads = [t or (self.tie_grad == "shared" and not o and st["trains"][self.root(i)])
+                 for i, (o, t) in enumerate(zip(st["own"], st["trains"]))]
         n = sum(per_block * (6 if g else 4) for g in grads) + 6 * self.lm_head.weight.numel()
         return n + 12 * self.config.n_layer * self.config.n_embd * T
 
@@ -395,7 +397,7 @@ class CompiledTying:
     (a recompile per map). Here each position gets its root's tensors as fresh views (dynamo
     specialises on inputs that are the same object, not on shared storage) and a gate (1 trains,
     0 tied): ONE graph for every map. Price: the weight-gradient matmuls of tied positions run, x 0.
-    (init_state=official's frozen blocks still add a graph each time one of them thaws.)"""
+    Frozen blocks (init_state=official) enter as fresh leaves: their gradients are computed, then dropped."""
     def __init__(self, model, **compile_kw):
         self.model, self.fn, self.roots = model, torch.compile(gated_forward, dynamic=False, **compile_kw), None
 
@@ -404,7 +406,8 @@ class CompiledTying:
         if roots != self.roots:  # gates live on the device: no host->device copy (and sync) per step
             g = [float(r == i or m.tie_grad == "shared") for i, r in enumerate(roots)]
             self.roots, self.g = roots, torch.tensor(g, device=idx.device, dtype=m.lm_head.weight.dtype)
-        params = [{k: w.view_as(w) for k, w in m.transformer.h[r].named_parameters()} for r in roots]
+        leaf = lambda w: w.view_as(w) if w.requires_grad or not torch.is_grad_enabled() else w.detach().requires_grad_()
+        params = [{k: leaf(w) for k, w in m.transformer.h[r].named_parameters()} for r in roots]
         return self.fn(m, idx, targets, params, self.g)
 
 
@@ -435,15 +438,13 @@ def structure(model):
 
 
 def restore_structure(model, st):
-    """Rebuild Tied placeholders / empty Blocks so that a saved state dict loads into them.
-    (--untie=alias storage sharing is not restored: the values are, the aliasing is not.)"""
+    """Rebuild Tied placeholders / fresh empty Blocks so that a saved state dict loads into them. Never
+    reuse a Block: under --untie=alias it may share storage with another, which would then get both
+    layers' weights. (The alias sharing itself is not restored: the values are, the aliasing is not.)"""
     h = model.transformer.h
     for i in range(model.config.n_layer):
-        if not st["own"][i]:
-            h[i] = Tied()
-        else:
-            h[i] = h[i] if isinstance(h[i], Block) else empty_block(model.config, model.lm_head.weight)
-            h[i].requires_grad_(st["trains"][i])
+        h[i] = empty_block(model.config, model.lm_head.weight) if st["own"][i] else Tied()
+        h[i].requires_grad_(st["trains"][i])
     model.src = list(st["src"])
 
 
@@ -455,8 +456,10 @@ def trainable(model):
 
 
 def make_optimizer(model, cfg, device):
-    return torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             fused=device.startswith("cuda"))
+    # --untie=alias puts two Parameters on one storage: fused / foreach kernels would update both at
+    # once and lose one update on CUDA; the plain per-tensor loop applies both, as the official code
+    kw = dict(fused=False, foreach=False) if cfg.untie == "alias" else dict(fused=device.startswith("cuda"))
+    return torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
 
 
 def sync_optimizer(model, opt):
@@ -762,7 +765,7 @@ def train(cfg):
         restore_structure(model, ck["extras"]["structure"])
         model.load_state_dict(ck["model"])
         model.to(device)
-    opt, fwd = make_optimizer(model, cfg, device), compile_model(model, cfg)  # fwd: LM steps only
+    opt, fwd = make_optimizer(model, cfg, device), compile_model(model, cfg)  # fwd: LM steps + reward batches
     if ck is not None:
         ex = ck["extras"]
         opt.load_state_dict(ck["optimizer"])
@@ -789,10 +792,12 @@ def train(cfg):
 
     def on_step(loss, norm):
         # D13: steady state right after a step (weights + grads + AdamW state): counted tensor by
-        # tensor on every device, and torch.cuda.memory_allocated (official style) on CUDA
+        # tensor on every device, and torch.cuda.memory_allocated on CUDA (the official code reads it at
+        # the start of an episode, without gradients: D13)
         M.update(counted=state_bytes(model, opt), loss=loss)
         M["steady"] = torch.cuda.memory_allocated() if cuda else None
         S["step"] += 1
+        S["flops"] = S.get("flops", 0.0) + model.flops_per_token(cfg.block_size) * tok  # this step's structure
         times.append(time.time())
         if S["step"] % cfg.log_interval == 0 or S["step"] == total:
             w = times[-21:]
@@ -876,7 +881,7 @@ def train(cfg):
             "cuda.memory_allocated after a step" if cuda else "counted tensors: params + grads + AdamW state"),
         counted_mem_bytes=M["counted"], peak_mem_bytes=M["peak"], peak_mem_bytes_run=M["peak_run"],
         tokens_per_s=tps,
-        mfu=model.flops_per_token(cfg.block_size) * tps / fl if fl else None,
+        mfu=S.get("flops", 0.0) / max(S["train_time"], 1e-9) / fl if fl else None,
         reward_saturated_frac=S["n_sat"] / S["n_rewards"] if S["n_rewards"] else None,
         eval_tokens=dict(val=n_val, test=n_test), steps=S["step"], train_time_s=S["train_time"],
         wall_s=time.time() - t_start, device=device)
