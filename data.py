@@ -94,10 +94,14 @@ def _digest(path, checksum):
 def _check(path, url, checksum):
     if checksum is None:
         return
-    got = _digest(path, checksum)
+    try:
+        got = _digest(path, checksum)
+    except (OSError, EOFError) as e:  # e.g. a gz- checksum on a file that is not gzip
+        got = f"unreadable ({e})"
     if got != checksum.split(":")[1]:
-        raise DataError(f"checksum mismatch for {path.name} from {url}: expected {checksum}, got {got}. "
-                        f"Delete it and download again, or place the right file by hand at {path}.")
+        final = path.with_name(path.name.removesuffix(".part"))  # a failed download is deleted: name the real path
+        raise DataError(f"checksum mismatch for {final.name} from {url}: expected {checksum}, got {got}. "
+                        f"Delete it and download again, or place the right file by hand at {final}.")
 
 
 def fetch(name, fname, data_dir=DATA_DIR):
@@ -182,21 +186,26 @@ def _read_text_splits(dataset, data_dir):
 def prepare_text(dataset="ptb", tokenizer="gpt2", data_dir=DATA_DIR):
     """Tokenize a dataset once into {train,val,test}.bin + meta.json; return the meta dict."""
     texts, folder, sha, note = _read_text_splits(dataset, data_dir)
+    folder = folder / tokenizer  # one cache per tokenizer: a char build never overwrites the GPT-2 bins
     meta_path = folder / "meta.json"
-    if meta_path.exists():
+    try:  # reuse only a complete cache of this source: meta.json is written last, bins checked by size
         meta = json.loads(meta_path.read_text())
-        if meta.get("tokenizer") == tokenizer and meta.get("source_sha256") == sha and \
-                all((folder / f"{s}.bin").exists() for s in ("train", "val", "test")):
+        if meta["source_sha256"] == sha and all((folder / f"{s}.bin").stat().st_size == 2 * n
+                                                for s, n in meta["n_tokens"].items()):
             meta["dir"] = str(folder)  # the cache may have been moved with its folder
             return meta
-        print(f"rebuilding the {dataset} cache (tokenizer or source changed)")
+        print(f"rebuilding the {dataset} cache (source changed)")
+    except (OSError, ValueError, KeyError):  # no cache yet, or a half-written one
+        pass
     meta = {"dataset": dataset, "tokenizer": tokenizer, "source_sha256": sha, "note": note}
     if tokenizer == "char":
         meta["chars"] = "".join(sorted(set("".join(texts.values()))))
     encode, _ = get_tokenizer(tokenizer, meta)
     meta["vocab_size"] = len(meta["chars"]) if tokenizer == "char" else 50257
-    assert meta["vocab_size"] < 2 ** 16, "uint16 bins need a vocabulary under 65536"
+    if meta["vocab_size"] >= 2 ** 16:
+        raise DataError(f"{dataset}: {meta['vocab_size']} symbols; uint16 bins need a vocabulary under 65536")
     folder.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)  # an interrupted rebuild then leaves no meta: it is redone
     meta["n_tokens"] = {}
     for split, text in texts.items():
         ids = np.array(encode(text), dtype=np.uint16)
@@ -204,7 +213,8 @@ def prepare_text(dataset="ptb", tokenizer="gpt2", data_dir=DATA_DIR):
         ids.tofile(tmp)
         tmp.replace(folder / f"{split}.bin")
         meta["n_tokens"][split] = len(ids)
-    meta_path.write_text(json.dumps(meta, indent=1))
+    meta_path.with_suffix(".part").write_text(json.dumps(meta, indent=1))
+    meta_path.with_suffix(".part").replace(meta_path)  # atomic: the cache is complete from here on
     meta["dir"] = str(folder)
     print(f"{dataset} ({tokenizer}, vocab {meta['vocab_size']}): " +
           ", ".join(f"{k} {v:,} tokens" for k, v in meta["n_tokens"].items()))
@@ -238,6 +248,8 @@ def iter_eval_batches(split, batch_size, block_size, device, meta=None):
     """Consecutive non-overlapping chunks: every target token (positions 1..n-1) exactly once.
     Batches are (b, T); a final remainder shorter than T comes alone as (1, t)."""
     arr = load_split(meta, split) if isinstance(split, str) else split
+    if len(arr) < 2:
+        raise DataError(f"a split of {len(arr)} tokens has no target to evaluate")
     n = len(arr) - 1  # number of targets
     n_full = n // block_size
     for b0 in range(0, n_full, batch_size):
@@ -311,15 +323,17 @@ def load_images(dataset="cifar10", data_dir=DATA_DIR, size=None):
         src = Path(dataset[12:]).expanduser()
         if not src.exists():
             raise DataError(f"no such image folder or archive: {src}")
-        cache = data_dir / f"imagefolder_{src.name.split('.')[0]}_{size or 'orig'}"
+        key = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:8]  # two folders with one name differ
+        cache = data_dir / f"imagefolder_{src.name.split('.')[0]}_{key}_{size or 'orig'}"
     elif dataset in ("cifar10", "mnist", "fashion_mnist"):
-        cache = data_dir / dataset / "cache"
+        jpg = data_dir / CIFAR_JPG[0]  # the offline JPEG copy gets its own cache: the real tarball replaces it
+        use_jpg = dataset == "cifar10" and not (data_dir / "cifar10" / "cifar-10-python.tar.gz").exists() and jpg.exists()
+        cache = data_dir / dataset / f"cache{'_jpg' if use_jpg else ''}_{size or 'orig'}"
     else:
         raise DataError(f"unknown image dataset {dataset!r}: use cifar10, mnist, fashion_mnist or imagefolder:PATH")
     if not (cache / "classes.json").exists():
         if dataset == "cifar10":
-            jpg = data_dir / CIFAR_JPG[0]
-            if not (data_dir / "cifar10" / "cifar-10-python.tar.gz").exists() and jpg.exists():
+            if use_jpg:
                 print(f"using the JPEG copy of CIFAR-10 at {jpg}")  # offline fallback, not bit-exact
                 _check(jpg, str(jpg), CIFAR_JPG[1])
                 d = _read_image_folder(jpg, size)
