@@ -729,6 +729,17 @@ def test_recursive_oracle_exits_save_steps_and_full_kv_keeps_greedy_tokens():
     assert prop["steps"] == full_kv["steps"] and prop["exit_hist"][0] > 0
     conf = RR.serve(rec, reqs, 3, "cpu", exit_mode="confidence", tau=0.0)  # tau 0: all exit after loop 1
     assert conf["exit_hist"] == [sum(n - 1 for _, n in reqs), 0]
+    # propagate: each exited token's keys at the loop-2 depths are its loop-1 state (a teacher-forced
+    # loop-1 pass gives it) through that depth's ln_1 + c_attn with the loop-2 LoRA
+    (pr, n), K, C = reqs[4], rec.config.n_layer, rec.config.n_embd
+    one = RR.serve(rec, [(pr, n)], 1, "cpu", exit_mode="confidence", tau=0.0)
+    x = rec.embed(torch.cat([pr, torch.tensor(one["tokens"][0][:-1])])[None])  # (1, P + n - 1, C)
+    for blk in rec.transformer.h:
+        x = blk(x, 0)
+    for k, blk in enumerate(rec.transformer.h):
+        want = blk.attn.c_attn(blk.ln_1(x), 1)[0, len(pr):, C:2 * C]              # (n - 1, C) keys
+        got = one["kv"][0][K + k, 0, :, len(pr):len(pr) + n - 1].transpose(0, 1).flatten(1)  # (n - 1, nh * hs)
+        assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_recursive_exit_rules_and_calibration():
