@@ -863,10 +863,14 @@ def test_neuron_clamped_forward_alpha1_is_clean_alpha0_zeroes_selected():
     for clamp in (True, False):
         edits = {l: (lambda h, l=l: torch.where(sel[l], 1.0 * hbar[l], hbar[l] if clamp else h)) for l in range(3)}
         assert torch.allclose(model(x, edits), logits, atol=1e-5)
-    # alpha 0 without clamping = zeroing the selected neurons in a normal forward (the zero-out edit)
-    free0 = model(x, {l: (lambda h, l=l: torch.where(sel[l], 0 * h, h)) for l in range(3)})
-    edit0 = {l: (lambda h, l=l: torch.where(sel[l], torch.zeros_like(h), h)) for l in range(3)}
-    assert torch.allclose(free0, model(x, edit0), atol=1e-6)
+    # alpha 0 = zeroing the selected CLS neurons: against an independent path, an unedited forward whose
+    # c_fc output is zeroed there by hooks (GELU(0) = 0), patch rows untouched
+    zero_cls = lambda l: lambda mod, i, o: torch.cat([o[:, :1].masked_fill(sel[l][:, None], 0), o[:, 1:]], 1)
+    hooks = [model.h[l].mlp.c_fc.register_forward_hook(zero_cls(l)) for l in range(3)]
+    ref0 = model(x)
+    [h.remove() for h in hooks]
+    edit0 = {l: (lambda h, l=l: torch.where(sel[l], 0 * h, h)) for l in range(3)}
+    assert torch.allclose(model(x, edit0), ref0, atol=1e-6)
     # scaled_run's gradients are taken at exactly these states: compare p at alpha_0 = 0 via m = 1
     G = NP.scaled_run(model, x, y, hbar, {0: sel[0]}, m=1, clamp=True)[0]  # gradient at alpha = 0
     z = torch.where(sel[0], torch.zeros_like(hbar[0]), hbar[0]).requires_grad_()
