@@ -980,6 +980,18 @@ def test_neuron_topk_conditions_on_all_k_chosen_neurons():
     masks = NP.to_masks(path, hbar[0].shape[1])
     s_all = NP.layer_scores(model, x, y, hbar, [masks[0]], cfg)
     assert torch.equal(s_all.topk(3, dim=1).indices, path[:, 1])
+    ref = torch.zeros_like(s_all)  # independent per-image, per-step reference of the code form at layer 2:
+    for b in range(4):             # (G_j + G_prefix) * (a_j + a_prefix), all 3 chosen layer-1 neurons scaled
+        G0, G1 = torch.zeros_like(hbar[0][b]), torch.zeros_like(hbar[1][b])
+        for k in range(cfg.m):
+            al = k / cfg.m
+            z0 = torch.where(masks[0][b], al * hbar[0][b], hbar[0][b])[None].requires_grad_()  # clamped row
+            z1 = (al * hbar[1][b])[None].requires_grad_()
+            g0, g1 = torch.autograd.grad(_neuron_prob(model, x[b:b + 1], y[b:b + 1], {0: lambda h: z0, 1: lambda h: z1}).sum(), (z0, z1))
+            G0, G1 = G0 + g0[0], G1 + g1[0]
+        a_prev = (hbar[0][b] * masks[0][b]).sum() / cfg.m
+        ref[b] = (G1 + (G0 * masks[0][b]).sum()) * (hbar[1][b] / cfg.m + a_prev)
+    assert torch.allclose(s_all, ref, atol=1e-6, rtol=1e-4)
     last_only = torch.zeros_like(masks[0]).scatter_(1, path[:, 0, -1:], True)  # the official code's bug
     assert not torch.allclose(s_all, NP.layer_scores(model, x, y, hbar, [last_only], cfg))
 
