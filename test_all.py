@@ -141,6 +141,14 @@ def test_data_right_checksum_is_renamed_into_place(tmp_path, monkeypatch):
     assert data.fetch("toy", "toy.txt", tmp_path) == path
     path.write_bytes(b"tampered")
     pytest.raises(data.DataError, data.fetch, "toy", "toy.txt", tmp_path).match("checksum mismatch")
+    # gz- sums hash the DECOMPRESSED bytes (MNIST's md5s): any re-gzipped copy passes, other content fails
+    monkeypatch.setitem(data.SOURCES, "toy", {"t.gz": ("http://x", "gz-md5:" + hashlib.md5(body).hexdigest())})
+    for level, content, ok in ((9, body, True), (1, body, True), (9, b"hello dat4", False)):
+        (tmp_path / "toy" / "t.gz").write_bytes(gzip.compress(content, compresslevel=level, mtime=level))
+        if ok:
+            assert data.fetch("toy", "t.gz", tmp_path).exists()
+        else:
+            pytest.raises(data.DataError, data.fetch, "toy", "t.gz", tmp_path).match("checksum mismatch")
 
 
 def test_data_network_failure_gives_clear_error(tmp_path, monkeypatch):
