@@ -74,7 +74,6 @@ TEXT_SPLITS = {
 CIFAR_JPG = ("cifar10-jpg/cifar10-jpg-q75.tar.gz",
              "sha256:097287809041e0a666355dfce11470ba1b3f2631fe910d8793c716253f10b297")
 
-
 class DataError(RuntimeError):
     """One clear message about a file that is missing, unreachable or corrupt."""
 
@@ -90,7 +89,6 @@ def _digest(path, checksum):
             h.update(chunk)
     return h.hexdigest()
 
-
 def _check(path, url, checksum):
     if checksum is None:
         return
@@ -102,7 +100,6 @@ def _check(path, url, checksum):
         final = path.with_name(path.name.removesuffix(".part"))  # a failed download is deleted: name the real path
         raise DataError(f"checksum mismatch for {final.name} from {url}: expected {checksum}, got {got}. "
                         f"Delete it and download again, or place the right file by hand at {final}.")
-
 
 def fetch(name, fname, data_dir=DATA_DIR):
     """Return data_dir/name/fname, downloading it first if it is not there."""
@@ -151,7 +148,6 @@ def get_tokenizer(name, meta=None):
         return (lambda s: [stoi[c] for c in s]), (lambda ids: "".join(chars[i] for i in ids))
     raise DataError(f"unknown tokenizer {name!r}: use 'gpt2' or 'char'")
 
-
 def _read_text_splits(dataset, data_dir):
     """Return ({'train','val','test'} -> str, folder, source sha256, note)."""
     if dataset.startswith("text:"):
@@ -181,7 +177,6 @@ def _read_text_splits(dataset, data_dir):
                 texts[split] = z.read(member).decode("utf-8")
         h.update(texts[split].encode("utf-8"))
     return texts, Path(data_dir) / dataset, h.hexdigest(), "official splits"
-
 
 def prepare_text(dataset="ptb", tokenizer="gpt2", data_dir=DATA_DIR):
     """Tokenize a dataset once into {train,val,test}.bin + meta.json; return the meta dict."""
@@ -220,11 +215,9 @@ def prepare_text(dataset="ptb", tokenizer="gpt2", data_dir=DATA_DIR):
           ", ".join(f"{k} {v:,} tokens" for k, v in meta["n_tokens"].items()))
     return meta
 
-
 def load_split(meta, split):
     """The token ids of one split as a read-only np.memmap of uint16."""
     return np.memmap(Path(meta["dir"]) / f"{split}.bin", dtype=np.uint16, mode="r")
-
 
 def _windows(arr, starts, T, device):
     """x = arr[s:s+T], y = arr[s+1:s+1+T] for each start s: two (len(starts), T) int64 tensors."""
@@ -234,7 +227,6 @@ def _windows(arr, starts, T, device):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
-
 def get_batch(split, batch_size, block_size, device, meta=None, generator=None):
     """Random windows (nanoGPT): x, y of shape (B, T), int64, y = x shifted by one token."""
     arr = load_split(meta, split) if isinstance(split, str) else split
@@ -242,7 +234,6 @@ def get_batch(split, batch_size, block_size, device, meta=None, generator=None):
         raise DataError(f"split has {len(arr)} tokens, fewer than block_size + 1 = {block_size + 1}")
     ix = torch.randint(len(arr) - block_size, (batch_size,), generator=generator).tolist()
     return _windows(arr, ix, block_size, device)
-
 
 def iter_eval_batches(split, batch_size, block_size, device, meta=None):
     """Consecutive non-overlapping chunks: every target token (positions 1..n-1) exactly once.
@@ -269,7 +260,6 @@ def _read_idx(path):
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4)
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
-
 def _read_cifar_tar(path):
     out = {"train": [], "test": []}
     with tarfile.open(path) as tar:
@@ -284,7 +274,6 @@ def _read_cifar_tar(path):
     split = lambda ds: (np.concatenate([d[b"data"] for d in ds]).reshape(-1, 3, 32, 32),
                         np.concatenate([d[b"labels"] for d in ds]))
     return {"train": split(out["train"]), "test": split(out["test"]), "classes": classes}
-
 
 def _read_image_folder(path, size=None):
     """train/<class>/* and test/<class>/* (or val/) in a folder or a .tar.gz, decoded with PIL."""
@@ -314,7 +303,6 @@ def _read_image_folder(path, size=None):
     perm = np.random.default_rng(0).permutation(len(items))  # a fixed shuffle: any prefix mixes classes,
     x, y, split = x[perm], y[perm], split[perm]                # as in CIFAR's own files
     return {"classes": classes, **{s: (x[split == s], y[split == s]) for s in ("train", "test")}}
-
 
 def load_images(dataset="cifar10", data_dir=DATA_DIR, size=None):
     """{'train': (x uint8 (N, C, H, W), y int64 (N,)), 'test': (x, y), 'classes': [names]}."""
@@ -358,7 +346,6 @@ def load_images(dataset="cifar10", data_dir=DATA_DIR, size=None):
     for s in ("train", "test"):
         out[s] = (torch.from_numpy(np.load(cache / f"{s}_x.npy")), torch.from_numpy(np.load(cache / f"{s}_y.npy")))
     return out
-
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or ["ptb"]:

