@@ -840,7 +840,7 @@ def run(cfg):
         f"{'relaxed' if cfg.lora_init == 'svd' else 'relaxedzero'}_{cfg.init}_r{cfg.lora_rank}"
     runs = [r.strip() for r in cfg.runs.split(",")]
     runs += [main_name] if cfg.stage != "study" and main_name not in runs else []
-    models = {}
+    models, before = {}, None
     for name in ["full_pretrained"] + runs:
         K, loops, init, rank, linit = parse_run(name, N, R)
 
@@ -851,7 +851,8 @@ def run(cfg):
             return m, {"step": cfg.uptrain_iters, "history": train(
                 m, tr, cfg, device, cfg.uptrain_iters, cfg.lr, teacher=full, name=name, log=log)}
         m = models[name] = full if name == "full_pretrained" else cached(cfg, name, {**key, "run": name}, device, build)
-        v, t = evaluate(m, va, cfg, device), evaluate(m, te, cfg, device)
+        v, t = evaluate(m, va, cfg, device), evaluate(m, te, cfg, device, collect=name == main_name)
+        before = t if name == main_name else before  # the main model before early-exit training (kept)
         row = {"name": name, "non_emb_params": m.num_params(), "blocks": K, "loops": loops, "init": init,
                "lora_rank": rank, "lora_init": linit if rank else None, "val_ppl": v["ppl"], "test_ppl": t["ppl"],
                "uptrain_tokens": cfg.uptrain_iters * cfg.batch_size * m.config.block_size * (name != "full_pretrained")}
@@ -874,7 +875,6 @@ def run(cfg):
             m, tr, cfg, device, cfg.ee_iters, cfg.lr, teacher=full, ee=True, name=main_name + "_ee", log=log)}
     ee_model = cached(cfg, main_name + "_ee", {**key, "run": main_name, "ee": [cfg.ee_iters, cfg.ee_weight]},
                       device, build_ee)
-    before = evaluate(models[main_name], te, cfg, device, collect=True)
     rv, rt = evaluate(ee_model, va, cfg, device, collect=True), evaluate(ee_model, te, cfg, device, collect=True)
     tau = calibrate_tau(rv["maxp"], rv["agree"], cfg.conf_agree)
     ee = summary["early_exit"] = {
