@@ -190,9 +190,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x, loop).split(self.n_embd, dim=2)
         B, T, C = x.shape  # view/transpose, not einops: einops costs ~3 us per call in the decode loop
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        mask = None
-        if cache is not None:  # KV-cache hook from the engine: store this step's k, v; read all past ones
-            k, v, mask = cache(k, v)
+        # KV-cache hook from the engine: store this step's k, v; read all past ones (and their mask)
+        k, v, mask = (k, v, None) if cache is None else cache(k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
@@ -288,14 +287,10 @@ def parse_safetensors(raw):
     n = int.from_bytes(raw[:8], "little")
     header, base = json.loads(raw[8:8 + n]), 8 + n
     dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    def tensor(info):
         a, b = info["data_offsets"]
-        t = torch.frombuffer(bytearray(raw[base + a:base + b]), dtype=dtypes[info["dtype"]])
-        out[name] = t.reshape(info["shape"]).float()
-    return out
+        return torch.frombuffer(bytearray(raw[base + a:base + b]), dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+    return {name: tensor(info).float() for name, info in header.items() if name != "__metadata__"}
 
 def gpt2_to_nanogpt(sd):
     """HF GPT-2 state dict (with or without 'transformer.') -> our keys; Conv1D (in, out) -> (out, in)."""
@@ -458,7 +453,7 @@ def peak_flops(cfg, device):  # bf16 dense peak FLOP/s for MFU; 0 = unknown (pri
     name = torch.cuda.get_device_name()
     return next((v * 1e12 for k, v in (("H100", 989), ("H200", 989), ("A100", 312)) if k in name), 0.0)
 
-def train(model, train_arr, cfg, device, iters, lr, teacher=None, ee=False, name="", log=None):
+def train(model, train_arr, cfg, device, iters, lr, teacher=None, ee=False, name="", log=lambda rec: None):
     """AdamW + warmup/cosine on random windows; KD from `teacher` when given; early-exit loss if ee."""
     model.train()
     groups = [{"params": [p for p in model.parameters() if (p.dim() >= 2) == d],
@@ -500,8 +495,7 @@ def train(model, train_arr, cfg, device, iters, lr, teacher=None, ee=False, name
             print(f"{name} step {it:4d}/{iters} | loss {loss.item():.4f}{exits} | lr {get_lr(it, iters, lr, cfg):.1e} | "
                   f"{1000 * dt:.0f} ms/step | {tps / 1e3:.1f}k tok/s{mfu} | eta {fmt_eta(dt * (iters - it - 1))}")
             hist.append({"run": name, "step": it, "loss": loss.item(), "loop_ce": ces})
-            if log:
-                log(hist[-1])
+            log(hist[-1])
     model.eval()
     return hist
 
