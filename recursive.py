@@ -133,9 +133,7 @@ def autocast_ctx(device):  # the KV caches of the engine use the same dtype (amp
 def set_seed(seed):
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
 
-def sync(device):  # wait for queued GPU work before reading a clock
-    torch.cuda.synchronize() if device == "cuda" else None
-
+sync = lambda device: torch.cuda.synchronize() if device == "cuda" else None  # queued GPU work done, then read a clock
 fmt_eta = lambda s: f"{int(s // 60)}m{int(s % 60):02d}s"
 
 # -----------------------------------------------------------------------------
@@ -182,7 +180,6 @@ class CausalSelfAttention(nn.Module):
         C = config.n_embd
         self.c_attn = LoRALinear(C, 3 * C, config.bias, n_loops, rank)  # fused qkv gets one LoRA
         self.c_proj = LoRALinear(C, C, config.bias, n_loops, rank)
-        self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.n_embd, self.dropout = config.n_head, C, config.dropout
 
@@ -274,9 +271,8 @@ class GPT(nn.Module):
 @torch.no_grad()
 def generate(model, idx, max_new_tokens):
     """Plain greedy decoding without a KV cache (the reference the CDB engine must match)."""
-    for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -model.config.block_size:])
-        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    for _ in range(max_new_tokens):  # logits (B, T, V): append the last position's argmax
+        idx = torch.cat([idx, model(idx[:, -model.config.block_size:])[0][:, -1].argmax(-1, keepdim=True)], dim=1)
     return idx
 
 # -----------------------------------------------------------------------------
@@ -411,8 +407,7 @@ def parse_run(name, N, R):
 def kd_loss(s_logits, t_logits, temp=1.0):
     """Forward KL(p_teacher || p_student) at temperature temp (x temp^2), mean over tokens.
     [MoR] uses -sum p_T log p_S, which differs by the teacher's entropy (a constant); KL is 0 at equality."""
-    s = F.log_softmax(s_logits.float() / temp, -1)
-    t = F.log_softmax(t_logits.float() / temp, -1)
+    s, t = (F.log_softmax(z.float() / temp, -1) for z in (s_logits, t_logits))
     return (t.exp() * (t - s)).sum(-1).mean() * temp ** 2
 
 def uptrain_loss(logits, targets, t_logits, kd_weight, temp):
@@ -542,14 +537,12 @@ def calibrate_tau(maxp, agree, target):
     sub = maxp[:-1, ::max(1, n * (maxp.shape[0] - 1) // 100_000)]  # <= ~100k values from every early loop
     cands = torch.quantile(sub.flatten(), torch.linspace(0, 1, 101)).tolist() + [1.01]
     for tau in sorted(set(cands)):
-        e = confidence_exits(maxp, tau)
-        if agree[e - 1, torch.arange(n)].float().mean() >= target:
+        if agree[confidence_exits(maxp, tau) - 1, torch.arange(n)].float().mean() >= target:
             return tau  # tau = 1.01 (no early exit) always qualifies
 
 def exit_stats(res, exits):
     """Exit rate, mean exit loop, histogram, agreement and perplexity of a per-token exit choice."""
-    n, R = exits.numel(), res["agree"].shape[0]
-    ar = torch.arange(n)
+    ar, R = torch.arange(exits.numel()), res["agree"].shape[0]
     return {"exit_rate": (exits < R).float().mean().item(), "mean_exit_loop": exits.float().mean().item(),
             "hist": torch.bincount(exits - 1, minlength=R).tolist(),
             "agreement": res["agree"][exits - 1, ar].float().mean().item(),
@@ -561,15 +554,13 @@ def exit_stats(res, exits):
 @torch.no_grad()
 def serve(model, requests, max_batch, device, refill="continuous", exit_mode="none",
           schedule=None, tau=1.0, kv_fill="propagate"):
-    """Greedy decoding of requests [(prompt (P,) LongTensor, n_new)] with max_batch slots.
-    Each slot holds (request, position, loop); one engine step runs ONE pass of the K blocks over
-    all active slots, each at its own loop with its own depth's LoRA, reading and writing a KV cache
-    indexed by effective depth d = loop * K + k. A full model is the case K = N, R = 1. refill: static
-    (a batch runs until its longest request ends, finished rows computing on: notes §4.5 C.1) |
-    continuous (a freed slot takes the next queued request at once: CSB for R = 1, CDB for R > 1).
-    exit_mode: none | oracle (schedule[req][pos] = exit loop from teacher-forced trajectories, as in
-    the paper) | confidence (max prob >= tau). kv_fill: how exited tokens get the KV of the depths
-    they skip: propagate (project the exited state) | full (run the skipped loops, charged)."""
+    """Greedy decoding of requests [(prompt (P,) LongTensor, n_new)] with max_batch slots, each holding
+    (request, position, loop). One engine step = ONE pass of the K blocks over all active slots, each at its
+    own loop and depth's LoRA, with a KV cache per effective depth d = loop * K + k (full model: K = N, R = 1).
+    refill: static (a batch runs until its longest request ends, finished rows computing on: notes §4.5 C.1)
+    | continuous (a freed slot takes the next queued request: CSB for R = 1, CDB for R > 1). exit_mode: none
+    | oracle (schedule[req][pos] = exit loop from teacher-forced trajectories, as in the paper) | confidence
+    (max prob >= tau). kv_fill, the skipped depths' KV of exited tokens: propagate | full (run them, charged)."""
     K, R, C = model.config.n_layer, model.n_loops, model.config.n_embd
     nh, hs = model.config.n_head, C // model.config.n_head
     Tmax = max(len(p) + n for p, n in requests)
@@ -710,12 +701,10 @@ def step_times(model, batches, ctx, device, reps=10):
     return res
 
 def simulate(lengths, exits, t_step, max_batch, mode, R):
-    """The paper's simulator (Sec. 3.8, App. K): all requests queued at t=0; time advances by the
-    measured step time at the current active batch. lengths: decode tokens per request; exits[i]:
-    exit loop per token. mode: static (a batch costs t(its size) per step until its longest request ends)
-    | csb (one step = one full-model pass) | cdb (one step = one loop of the shared block) | ee_sync
-    (early exit, no CDB: a batch step waits for its slowest token).
-    Returns (tokens/s, steps). t_step: batch size -> seconds."""
+    """The paper's simulator (Sec. 3.8, App. K): all requests queued at t=0; each step costs the measured
+    t_step[active batch] (seconds). lengths: decode tokens per request; exits[i]: exit loop per token. mode:
+    static (a batch steps until its longest request ends) | csb (step = full-model pass) | cdb (step = one
+    loop of the shared block) | ee_sync (early exit, no CDB: a step waits for its slowest token). -> (tok/s, steps)"""
     bs = sorted(t_step)
     t = lambda b: float(np.interp(b, bs, [t_step[k] for k in bs]))
     total, steps, queue = 0.0, 0, deque(i for i, n in enumerate(lengths) if n > 0)
@@ -903,9 +892,8 @@ def check_claims(rows):
     return claims
 
 def throughput(cfg, full, rec, arr, tau, device, log):
-    """Same requests, same hardware: full model (static, CSB) vs recursive CDB (no exit, oracle,
-    confidence; best of 3 runs each), plus the simulator fed with measured step times and the oracle
-    exit trajectories (the paper's method)."""
+    """Same requests, same hardware: full model (static, CSB) vs recursive CDB (no exit, oracle, confidence;
+    best of 3 each), beside the paper's simulator (measured step times x oracle exit trajectories)."""
     rng = np.random.default_rng(cfg.seed)
     reqs = [(torch.from_numpy(arr[s:s + cfg.prompt_len].astype(np.int64)), int(rng.integers(cfg.gen_min, cfg.gen_max + 1)))
             for s in rng.integers(0, len(arr) - cfg.prompt_len, cfg.n_requests)]
