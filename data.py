@@ -89,7 +89,7 @@ def _digest(path, checksum):
             h.update(chunk)
     return h.hexdigest()
 
-def _check(path, url, checksum):
+def _check(path, url, checksum, final=None):  # final: where the file will live (path is a .part)
     if checksum is None:
         return
     try:
@@ -97,7 +97,7 @@ def _check(path, url, checksum):
     except (OSError, EOFError) as e:  # e.g. a gz- checksum on a file that is not gzip
         got = f"unreadable ({e})"
     if got != checksum.split(":")[1]:
-        final = path.with_name(path.name.removesuffix(".part"))  # a failed download is deleted: name the real path
+        final = final or path  # a failed download is deleted: the message names where the file belongs
         raise DataError(f"checksum mismatch for {final.name} from {url}: expected {checksum}, got {got}. "
                         f"Delete it and download again, or place the right file by hand at {final}.")
 
@@ -120,7 +120,7 @@ def fetch(name, fname, data_dir=DATA_DIR):
                 done += len(chunk)
                 print(f"\r  {done / 1e6:.1f} / {total / 1e6:.1f} MB", end="", flush=True)
         print()
-        _check(tmp, url, checksum)
+        _check(tmp, url, checksum, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)  # never leave a partial or corrupt file behind
         if not isinstance(e, Exception) or isinstance(e, DataError):  # Ctrl-C, or already clear

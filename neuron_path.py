@@ -296,6 +296,8 @@ def fetch_vit_b_16(cfg):
         try:
             urllib.request.urlretrieve(VIT_B_16_URL, path + ".part")
         except Exception as e:
+            if os.path.exists(path + ".part"):  # no partial file left behind (as data.fetch)
+                os.remove(path + ".part")
             raise data.DataError(f"could not download the ViT-B/16 weights from {VIT_B_16_URL} ({e}); "
                                f"download it by hand to {path} or pass --weights=PATH") from None
         os.replace(path + ".part", path)
@@ -594,8 +596,9 @@ def same_run(ck, cfg):
             "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing", "n_train", "dataset")
     return all(ck["config"].get(k) == getattr(cfg, k) for k in keys)
 
-def train_vit(model, ds, cfg, device, log):
-    """AdamW + warmup/cosine, label smoothing, crop + flip, bf16 autocast on CUDA; saves ckpt.pt per epoch."""
+def train_vit(model, ds, cfg, device, log, ck=None):
+    """AdamW + warmup/cosine, label smoothing, crop + flip, bf16 autocast on CUDA; saves ckpt.pt per epoch.
+    ck: the ckpt.pt already in out_dir (or None); resumed if unfinished and of the same run."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     Xtr, Ytr = ds["train"]
     if cfg.n_train:
@@ -606,7 +609,6 @@ def train_vit(model, ds, cfg, device, log):
     total = cfg.epochs * steps_per_epoch
     warm = min(cfg.warmup_epochs * steps_per_epoch, total // 4)  # short runs: at most a quarter warms up
     start_epoch, history = 0, []
-    ck = torch.load(ckpt_path, map_location=device, weights_only=True) if os.path.exists(ckpt_path) else None
     if ck and not cfg.retrain and not ck["extras"]["done"] and same_run(ck, cfg):  # resume an unfinished run
         model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
         start_epoch, history = ck["extras"]["epoch"], ck["extras"]["history"]
@@ -651,13 +653,10 @@ def train_vit(model, ds, cfg, device, log):
         print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {loss.item():.4f}, test acc {acc:.4f}")
         log({"event": "eval", **history[-1]})
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(cfg), "step": step,
-                    "best_val_loss": None, "extras": {"epoch": epoch + 1, "history": history, "done": False}},
-                   ckpt_path)
+                    "best_val_loss": None,  # done: main reuses the model; otherwise a rerun resumes
+                    "extras": {"epoch": epoch + 1, "history": history, "done": epoch + 1 == cfg.epochs}}, ckpt_path)
     for blk in model.h:
         blk.attn.sdpa = False
-    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    ck["extras"]["done"] = True
-    torch.save(ck, ckpt_path)
     return history
 
 # -----------------------------------------------------------------------------
@@ -851,7 +850,7 @@ def main(cfg):
             history = ck["extras"]["history"]
             print(f"reusing the trained model in {ckpt_path}")
         else:
-            history = train_vit(model, ds, cfg, device, log)
+            history = train_vit(model, ds, cfg, device, log, ck)
     model.eval()
     for p in model.parameters():  # attribution needs gradients w.r.t. CLS rows only
         p.requires_grad_(False)

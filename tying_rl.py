@@ -602,11 +602,11 @@ def evaluate(model, arr, cfg, device, ctx, max_batches=0):
     return math.exp(tot / n), n
 
 @torch.no_grad()
-def batch_ce(model, x, y, ctx, fwd=None):
+def batch_ce(model, x, y, ctx, fwd):
     """CE of one batch in eval mode (dropout off), as official evaluate_on_samples."""
     model.eval()
     with ctx:
-        _, loss = (model if fwd is None else fwd)(x, y)
+        _, loss = fwd(x, y)
     model.train()
     return loss.item()
 
@@ -748,7 +748,8 @@ def train(cfg):
     print(f"device {device} | {L} layers x {cfg.n_embd} | agent {cfg.agent} | {model.num_params() / 1e6:.2f}M "
           f"params stored, {model.num_params(True) / 1e6:.2f}M trainable | {total} LM steps")
     fl = peak_flops(cfg) if cuda else None
-    M = dict(steady=None, counted=None, peak=None, peak_run=None, last_map=model.tie_map(), loss=None)
+    M = dict(steady=None, counted=None, peak=None, peak_run=None, last_map=model.tie_map(), loss=None,
+             fpt=model.flops_per_token(cfg.block_size))  # FLOPs/token of the current structure (on_change)
     times, t_start = [], time.time()
 
     def on_step(loss, norm):
@@ -758,19 +759,19 @@ def train(cfg):
         M.update(counted=state_bytes(model, opt), loss=loss)
         M["steady"] = torch.cuda.memory_allocated() if cuda else None
         S["step"] += 1
-        S["flops"] = S.get("flops", 0.0) + model.flops_per_token(cfg.block_size) * tok  # this step's structure
+        S["flops"] = S.get("flops", 0.0) + M["fpt"] * tok  # this step's structure
         times.append(time.time())
         if S["step"] % cfg.log_interval == 0 or S["step"] == total:
             w = times[-21:]
             ms = 1000 * (w[-1] - w[0]) / max(1, len(w) - 1)  # wall time per step, agent included
             tps = tok / max(ms, 1e-6) * 1000
-            mfu = f" | mfu {100 * model.flops_per_token(cfg.block_size) * tps / fl:.1f}%" if fl else ""
+            mfu = f" | mfu {100 * M['fpt'] * tps / fl:.1f}%" if fl else ""
             print(f"step {S['step']:6d}/{total} | loss {loss:.4f} | lr {get_lr(S['step'], total, cfg):.1e} | "
                   f"{ms:.1f} ms/step | {tps / 1e3:.1f}k tok/s{mfu} | eta {ms * (total - S['step']) / 6e4:.1f}m")
             log(dict(kind="train", loss=loss, grad_norm=float(norm), ms_per_step=ms))
 
-    def on_change():  # one line whenever the tie map changes
-        tm = model.tie_map()
+    def on_change():  # after every structural change: FLOPs/token, and one line whenever the tie map changes
+        M["fpt"], tm = model.flops_per_token(cfg.block_size), model.tie_map()
         if tm != M["last_map"]:
             M["last_map"] = tm
             print(f"ties: {tm} | unique layers {len(set(tm))}/{L} | trainable {model.num_params(True) / 1e6:.2f}M")
@@ -824,6 +825,7 @@ def train(cfg):
     log_f.close()
     # final: the selected (best-val) checkpoint, evaluated once on the whole val and test split
     final_map = model.tie_map()
+    del opt, fwd  # the training blocks' AdamW state goes before the selected blocks are built
     sel = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     restore_structure(model, sel["extras"]["structure"])
     model.load_state_dict(sel["model"])
