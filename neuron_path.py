@@ -33,7 +33,7 @@ import re
 import time
 import urllib.request
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -81,6 +81,7 @@ class Config:
     prune_fracs: str = "0.1,0.3,0.5,1.0"  # fractions of the other CLS neurons zeroed in every layer
     fit_frac: float = 0.8  # share of each class's images used to fit its mode path
     precision: str = "fp32"  # attribution numerics: fp32 | tf32 | bf16 (autocast)
+    recheck: float = 0.005  # bf16 search: rescore in tf32 the rows whose top-2 gap < recheck x |top| (0 = off)
     # system
     preset: str = ""  # '' | tiny (CPU, about a minute)
     device: str = "auto"  # auto | cuda | mps | cpu
@@ -144,6 +145,8 @@ def check_config(cfg):
         raise ValueError(f"jas_form must be code or ig, got {cfg.jas_form!r}")
     if cfg.precision not in ("fp32", "tf32", "bf16"):
         raise ValueError(f"precision must be fp32, tf32 or bf16, got {cfg.precision!r}")
+    if not 0 <= cfg.recheck < 1:
+        raise ValueError(f"recheck must lie in [0, 1), got {cfg.recheck}")
     if not all(0 < f <= 1 for f in fracs(cfg.prune_fracs)):
         raise ValueError(f"prune_fracs must lie in (0, 1], got {cfg.prune_fracs!r}")
 
@@ -317,14 +320,15 @@ def normalise(x, cfg):
 # ALGO LOGIC: joint attribution score (Eq. 2/3) and the layer-progressive search (Alg. 1)
 
 def precision_ctx(precision, device):
-    """fp32 (strict), tf32 (tensor-core fp32 matmuls) or bf16 autocast, for the attribution passes."""
-    if precision == "bf16":
-        return autocast_ctx(device)
-    return nullcontext()
+    """fp32 (strict), tf32 (tensor-core fp32 matmuls) or bf16 autocast, for the attribution passes.
+    bf16 was asked for explicitly, so it autocasts on a CPU too (the bench can show its effect anywhere)."""
+    if precision == "bf16" and device == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return autocast_ctx(device) if precision == "bf16" else nullcontext()
 
 def set_matmul_precision(precision):
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    """tf32 also under bf16: the matmuls left outside autocast (clean forward, rechecks) then run in tf32."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
 
 @torch.no_grad()
 def clean_acts(model, x):
@@ -395,14 +399,28 @@ def layer_scores(model, x, y, hbar, prefix, cfg):
     ig_prev = combine(gsum, step, prev, "ig") if prev else zero
     return gsum[l] * step[l] + ig_prev[:, None]
 
-def greedy_path(model, x, y, cfg, k=1, hbar=None):
+def greedy_path(model, x, y, cfg, k=1, hbar=None, stats=None):
     """Layer-progressive search (Alg. 1), batched over images with per-sample labels.
-    Returns (B, L, k) neuron indices: the k best candidates per layer (signed max), never revisited."""
+    Returns (B, L, k) neuron indices: the k best candidates per layer (signed max), never revisited.
+    stats: optional dict; counts the (image, layer) decisions ("rows") and those rechecked in tf32."""
     if hbar is None:
         hbar = clean_acts(model, x)[1]  # clean values do not depend on the path: one forward suffices
     prefix, chosen = [], []
     for l in range(len(hbar)):
         s = layer_scores(model, x, y, hbar, prefix, cfg)  # (B, H)
+        if cfg.precision == "bf16" and cfg.recheck > 0:
+            # bf16 perturbs every score a little, which only matters where the ranking is a near tie: those
+            # rows (a gap among the top k+1 below recheck x |top score|) are scored again in tf32, so the
+            # fast search keeps the paths of the exact one (README: bench) at the price of a few tf32 passes.
+            v = s.topk(min(k + 1, s.shape[1]), dim=1).values  # (B, k+1) descending
+            near = (v[:, :-1] - v[:, 1:]).min(1).values < cfg.recheck * v[:, 0].abs()  # (B,)
+            if near.any():
+                sub = lambda t: [a[near] for a in t]
+                s[near] = layer_scores(model, x[near], y[near], sub(hbar), sub(prefix), replace(cfg, precision="tf32"))
+            if stats is not None:
+                stats["rechecked"] = stats.get("rechecked", 0) + near.sum().item()
+        if stats is not None:
+            stats["rows"] = stats.get("rows", 0) + s.shape[0]
         top = s.topk(k, dim=1).indices  # (B, k) signed max, as the official code
         # EXERCISE: pick by |score| instead; which neurons that lower p(true) does the path then contain?
         prefix.append(torch.zeros_like(s, dtype=torch.bool).scatter_(1, top, True))
@@ -747,37 +765,40 @@ def bench(model, cfg, device):
     # one pass = forward + input-gradient backward (~2x forward); L layers x m steps passes per image
     flops_img = 2 * fwd_flops_per_image(cfg) * cfg.n_layer * cfg.m
     if device != "cuda":
-        print("note: tf32 and bf16 only change the numerics on CUDA; elsewhere every run is fp32")
+        print("note: off CUDA, tf32 is fp32; bf16 runs as CPU autocast (bf16 matmuls, not the GPU's kernels)")
     results, ref = [], None
-    for prec in ["fp32", "tf32", "bf16"]:
-        for sdpa in ([False, True] if prec != "fp32" else [False]):
-            if cfg.compile:  # a fresh compile per setting: a changed attribute may not trigger a recompile
-                torch._dynamo.reset()
-            for blk in model.h:
-                blk.attn.sdpa = sdpa
-                if cfg.compile:  # attention only: the MLP's per-layer edit closures would recompile each time
-                    blk.attn.compile()
-            c = Config(**{**asdict(cfg), "precision": prec})
-            set_matmul_precision(prec)
-            run = lambda: torch.cat([greedy_path(model, x[i:i + cfg.path_batch], y[i:i + cfg.path_batch], c)
-                                     for i in range(0, len(x), cfg.path_batch)])
-            greedy_path(model, x[:cfg.path_batch], y[:cfg.path_batch], c)  # warm-up (kernels, compile)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.time()
-            paths = run()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t0
-            ref = paths if ref is None else ref
-            r = dict(precision=prec, sdpa=sdpa, compile=cfg.compile, s_per_image=dt / len(x), images_per_s=len(x) / dt,
-                     tflops=flops_img * len(x) / dt / 1e12,
-                     same_paths=(paths == ref).all(-1).all(-1).float().mean().item(),
-                     same_neurons=(paths == ref).float().mean().item())
-            results.append(r)
-            print(f"bench {prec:4s} sdpa={int(sdpa)} | {r['s_per_image']:.4f} s/image | {r['images_per_s']:.1f} img/s | "
-                  f"{r['tflops']:.3g} TFLOP/s | identical paths {100 * r['same_paths']:.0f}% "
-                  f"(neurons {100 * r['same_neurons']:.1f}%) vs fp32")
+    # (precision, fused attention, recheck): bf16 alone, then bf16 + SDPA with its near ties rescored in
+    # tf32 at half, one and two times --recheck (more rechecks: slower, and fewer paths left to chance)
+    settings = [("fp32", False, 0.0), ("tf32", False, 0.0), ("tf32", True, 0.0), ("bf16", False, 0.0),
+                ("bf16", True, 0.0)] + [("bf16", True, f * cfg.recheck) for f in (0.5, 1, 2) if cfg.recheck > 0]
+    for prec, sdpa, recheck in settings:
+        if cfg.compile:  # a fresh compile per setting: a changed attribute may not trigger a recompile
+            torch._dynamo.reset()
+        for blk in model.h:
+            blk.attn.sdpa = sdpa
+            if cfg.compile:  # attention only: the MLP's per-layer edit closures would recompile each time
+                blk.attn.compile()
+        c, stats = replace(cfg, precision=prec, recheck=recheck), {}
+        set_matmul_precision(prec)
+        greedy_path(model, x[:cfg.path_batch], y[:cfg.path_batch], c)  # warm-up (kernels, compile)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.time()
+        paths = torch.cat([greedy_path(model, x[i:i + cfg.path_batch], y[i:i + cfg.path_batch], c, stats=stats)
+                           for i in range(0, len(x), cfg.path_batch)])
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        ref = paths if ref is None else ref
+        r = dict(precision=prec, sdpa=sdpa, recheck=recheck, compile=cfg.compile, s_per_image=dt / len(x),
+                 images_per_s=len(x) / dt, tflops=flops_img * len(x) / dt / 1e12,  # rechecks not counted as work
+                 rechecked=stats.get("rechecked", 0) / stats["rows"],
+                 same_paths=(paths == ref).all(-1).all(-1).float().mean().item(),
+                 same_neurons=(paths == ref).float().mean().item())
+        results.append(r)
+        print(f"bench {prec:4s} sdpa={int(sdpa)} recheck={recheck:g} | {r['s_per_image']:.4f} s/image | "
+              f"{r['images_per_s']:.1f} img/s | {r['tflops']:.3g} TFLOP/s | rechecked {100 * r['rechecked']:.1f}% | "
+              f"identical paths {100 * r['same_paths']:.0f}% (neurons {100 * r['same_neurons']:.1f}%) vs fp32")
     set_matmul_precision("fp32")
     with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name() if device == "cuda" else device, "model": cfg.model,

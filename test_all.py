@@ -415,6 +415,16 @@ def test_tying_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="loss is nan at step 3.*last good checkpoint"):
         _tying_run(tmp_path, "n", "--resume=True")
     assert (tmp_path / "n" / "ckpt.pt").read_bytes() == ck
+    # the real lm_step: a NaN loss raises before AdamW touches anything (no state, weights unchanged)
+    cfg = TR.parse_config(["--preset=tiny", "--device=cpu"])
+    model = TR.build(cfg, 64, "cpu")[0]
+    opt, before = TR.make_optimizer(model, cfg, "cpu"), {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(float("inf"))
+    x = torch.randint(64, (2, cfg.block_size))
+    with pytest.raises(TR.NonFiniteLoss, match="loss is nan"):
+        TR.lm_step(model, opt, x, x, TR.nullcontext(), cfg, 1e-3)
+    assert not opt.state and all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if "ln_f" not in k)
 
 @pytest.mark.parametrize("flags, msg", [
     (["--n_embd=30", "--n_head=4"], "not divisible"), (["--steps_per_action=0"], "steps_per_action"),
@@ -932,6 +942,26 @@ def test_neuron_batched_search_with_mixed_labels_equals_per_image_search():
     s_1 = torch.cat([NP.jas(model, x[i:i + 1], y[i:i + 1], NP.clean_acts(model, x[i:i + 1])[1],
                             NP.to_masks(batched[i:i + 1], 16), cfg) for i in range(4)])
     assert torch.allclose(s_b, s_1, atol=1e-6)
+
+def test_neuron_bf16_recheck_rescores_near_ties_and_restores_the_exact_path(monkeypatch):
+    model, cfg, x, y, hbar = _neuron_model()
+    exact, real = NP.greedy_path(model, x, y, cfg), NP.layer_scores
+
+    def noisy(model, x, y, hbar, prefix, c):  # a bf16 stand-in: exact scores, but image 0's runner-up wins by 0.1%
+        s = real(model, x, y, hbar, prefix, NP.replace(c, precision="fp32"))
+        if c.precision == "bf16":
+            v, i = s[0].topk(2)
+            s[0, i[1]] = v[0] + 1e-3 * v[0].abs()
+        return s
+    monkeypatch.setattr(NP, "layer_scores", noisy)
+    wrong = NP.greedy_path(model, x, y, NP.replace(cfg, precision="bf16", recheck=0.0))
+    assert not torch.equal(wrong[0], exact[0]) and torch.equal(wrong[1:], exact[1:])
+    st = {}
+    assert torch.equal(NP.greedy_path(model, x, y, NP.replace(cfg, precision="bf16", recheck=0.01), stats=st), exact)
+    assert st["rows"] == 4 * 3 and 3 <= st["rechecked"] < 4 * 3  # image 0 at every layer, not every row
+    st = {}
+    assert torch.equal(NP.greedy_path(model, x, y, NP.replace(cfg, precision="bf16", recheck=1e-6), stats=st), wrong)
+    assert st == {"rows": 12, "rechecked": 0}  # 0.1% is no near tie at a 1e-4 % margin: nothing rescored
 
 def test_neuron_vit_b_16_mapping_matches_torchvision():
     tv = pytest.importorskip("torchvision")

@@ -628,17 +628,18 @@ class NonFiniteLoss(RuntimeError):
 
 def lm_step(model, opt, x, y, ctx, cfg, lr):
     """Forward, backward, clip, AdamW step. Returns (loss, grad norm); raises on NaN/inf loss
-    before any weight changes, so the last checkpoint stays good."""
+    before any weight changes, so the last checkpoint stays good. The loss is read (the one host
+    sync of a step) after the backward is queued, so the next batch is prepared while AdamW runs."""
     for g in opt.param_groups:
         g["lr"] = lr
     with ctx:
         _, loss = model(x, y)
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"loss is {loss.item()}")
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.grad_clip or float("inf"))
+    if not math.isfinite(loss := loss.item()):
+        raise NonFiniteLoss(f"loss is {loss}")
     opt.step()
-    return loss.item(), norm
+    return loss, norm
 
 # -----------------------------------------------------------------------------
 # training

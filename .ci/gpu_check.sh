@@ -11,9 +11,10 @@
 #   usage (repo root, GPU machine):  bash .ci/gpu_check.sh [DEADLINE_S] [ALONE] [SHARED] [LAST]
 #   ALONE, SHARED, LAST: space-separated job names from cmd() below ("" = none). The README's
 #   "Still to measure" list needs about three sessions. Rough times from the 2026-11-27 H100
-#   session: tying_bench_c 2-3 min (compiles), paper_* 1.5 min each, abl_* 2.5-3.5 min shared,
-#   tying_q / tying_none 5520 steps (episode 32 of 60 in 406 s, shared), recursive > 8 min from
-#   scratch, neuron 6 min shared (50 epochs). The defaults fit one ~9-minute command; then
+#   session: tying_bench_c 2-3 min (compiles), neuron_bench ~1 min, paper_* 1.5 min each,
+#   abl_* 2.5-3.5 min shared, tying_q / tying_none 5520 steps (episode 32 of 60 in 406 s, shared),
+#   recursive > 8 min from scratch, neuron 6 min shared (50 epochs). The defaults fit one ~9-minute
+#   command (the last ablations may stop at the deadline); then
 #     bash .ci/gpu_check.sh 560 "tying_q" "" ""      and the same with tying_none (alone, to the end)
 #     bash .ci/gpu_check.sh 560 "" "recursive neuron_e100" "recursive_alone"
 # Data: copy it in here first (git-ignored) and name the folders in the device tool's `carry`:
@@ -23,7 +24,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TIKTOKEN_CACHE_DIR="${TIKTOKEN_CACHE_DIR:-$PWD/data/tiktoken}"
 OUT="${OUT:-out/gpu_check}"; DL="${1:-540}"; T0=$SECONDS
-ALONE="${2-tying_bench_c paper_none paper_random2}"
+ALONE="${2-tying_bench_c neuron_bench paper_none paper_random2}"
 SHARED="${3-abl_sequence abl_universal abl_roundrobin abl_random}"
 LAST="${4-}"
 mkdir -p "$OUT" out/logs
