@@ -869,7 +869,10 @@ def bench(cfg):
     ctx, fl = autocast_ctx(device, cfg), peak_flops(cfg) if cuda else None
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     gen, V = torch.Generator().manual_seed(cfg.seed), 512 if cfg.preset == "tiny" else 50304  # tiny: CPU
-    get = lambda: torch.randint(V, (2, cfg.batch_size, cfg.block_size), generator=gen).to(device)
+
+    def get():  # pinned + non_blocking as data.py: a copy from pageable memory makes the host wait for the GPU
+        t = torch.randint(V, (2, cfg.batch_size, cfg.block_size), generator=gen)
+        return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
     res = {}
     for name in ("baseline", "tying"):
         c = Config(**{**asdict(cfg), "agent": "none" if name == "baseline" else "q", "dropout": 0.0})
