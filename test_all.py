@@ -416,14 +416,11 @@ def test_tying_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         _tying_run(tmp_path, "n", "--resume=True")
     assert (tmp_path / "n" / "ckpt.pt").read_bytes() == ck
     # the real lm_step: a NaN loss raises before AdamW touches anything (no state, weights unchanged)
-    cfg = TR.parse_config(["--preset=tiny", "--device=cpu"])
-    model = TR.build(cfg, 64, "cpu")[0]
+    model = TR.build(cfg := TR.parse_config(["--preset=tiny", "--device=cpu"]), 64, "cpu")[0]
     opt, before = TR.make_optimizer(model, cfg, "cpu"), {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        model.transformer.ln_f.weight.fill_(float("inf"))
+    torch.nn.init.constant_(model.transformer.ln_f.weight, float("inf"))
     x = torch.randint(64, (2, cfg.block_size))
-    with pytest.raises(TR.NonFiniteLoss, match="loss is nan"):
-        TR.lm_step(model, opt, x, x, TR.nullcontext(), cfg, 1e-3)
+    pytest.raises(TR.NonFiniteLoss, TR.lm_step, model, opt, x, x, TR.nullcontext(), cfg, 1e-3).match("loss is nan")
     assert not opt.state and all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if "ln_f" not in k)
 
 @pytest.mark.parametrize("flags, msg", [
@@ -474,20 +471,14 @@ def _rr_gpt(n_layer=4, bias=True, vocab=97, seed=0, n_embd=32):
                                n_embd=n_embd, bias=bias)).eval()
 
 def _rr_text(tmp_path):
-    rng = np.random.default_rng(0)
     words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away", "and", "then"]
-    text = " ".join(rng.choice(words, 6000)) + "\n"
-    p = tmp_path / "toy.txt"
-    p.write_text(text)
+    (p := tmp_path / "toy.txt").write_text(" ".join(np.random.default_rng(0).choice(words, 6000)) + "\n")
     return p
 
 def _rr_cfg(tmp_path, **kw):
-    p = _rr_text(tmp_path)
-    base = dict(RR.TINY, dataset=f"text:{p}", tokenizer="char", data_dir=str(tmp_path / "data"),
-                out_dir=str(tmp_path / "out"), device="cpu", plot=False, pretrain_iters=30,
-                uptrain_iters=4, ee_iters=4, eval_tokens=1024, n_requests=6, log_interval=100)
-    base.update(kw)
-    return RR.Config(**base)
+    return RR.Config(**{**RR.TINY, **dict(dataset=f"text:{_rr_text(tmp_path)}", tokenizer="char", data_dir=str(
+        tmp_path / "data"), out_dir=str(tmp_path / "out"), device="cpu", plot=False, pretrain_iters=30, uptrain_iters=4,
+        ee_iters=4, eval_tokens=1024, n_requests=6, log_interval=100), **kw})
 
 def test_recursive_gpt_keys_are_nanogpt():
     sd = _rr_gpt(n_layer=1).state_dict()
@@ -518,8 +509,7 @@ def test_recursive_k_equals_n_one_loop_is_original():
     full = _rr_gpt()
     idx = torch.randint(0, 97, (2, 20))
     for init in ("stepwise", "average", "lower"):
-        m = RR.convert(full, 4, 1, init).eval()
-        assert torch.equal(m(idx)[0], full(idx)[0])
+        assert torch.equal(RR.convert(full, 4, 1, init).eval()(idx)[0], full(idx)[0])
 
 def test_recursive_full_rank_svd_recovers_original_and_rank0_is_plain():
     idx = torch.randint(0, 97, (2, 20))
@@ -558,13 +548,9 @@ def test_recursive_lora_per_item_loop_matches_int_loop():
 
 def _rr_hf_layout(model):
     """Our state dict written in GPT-2's published layout: Conv1D (in, out), mask buffers, no prefix."""
-    sd = {}
-    for k, v in model.state_dict().items():
-        if k == "lm_head.weight":
-            continue
-        if k.endswith(("c_attn.weight", "attn.c_proj.weight", "c_fc.weight", "mlp.c_proj.weight")):
-            v = v.t()
-        sd[k.removeprefix("transformer.")] = v.contiguous()
+    conv1d = ("c_attn.weight", "attn.c_proj.weight", "c_fc.weight", "mlp.c_proj.weight")
+    sd = {k.removeprefix("transformer."): (v.t() if k.endswith(conv1d) else v).contiguous()
+          for k, v in model.state_dict().items() if k != "lm_head.weight"}
     for i in range(model.config.n_layer):
         sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 48, 48))
     return sd
@@ -626,9 +612,7 @@ def test_recursive_early_exit_loss_weights():
     assert torch.allclose(l1.grad, g1, atol=1e-6)
 
 def _rr_relaxed(seed=0):
-    full = _rr_gpt(seed=seed)
-    m = RR.convert(full, 2, 2, "average", 4).eval()   # SVD-LoRA: the two loops differ
-    return full, m
+    return (full := _rr_gpt(seed=seed)), RR.convert(full, 2, 2, "average", 4).eval()   # SVD-LoRA: the loops differ
 
 def _rr_requests(n=7, P=5, vocab=97):
     g = torch.Generator().manual_seed(0)
@@ -754,26 +738,18 @@ def test_recursive_main_tiny_writes_summary(tmp_path, capsys):
     (dict(gen_min=1, gen_max=1), "2 <= gen_min"),  # no decode step: the simulator would divide by 0
 ])
 def test_recursive_bad_config_fails_before_writing(tmp_path, kw, msg):
-    cfg = _rr_cfg(tmp_path, **kw)
-    with pytest.raises(ValueError, match=msg):
-        RR.run(cfg)
+    pytest.raises(ValueError, RR.run, _rr_cfg(tmp_path, **kw)).match(msg)
     assert not (tmp_path / "out").exists()
 
 def test_recursive_bad_checkpoint_and_download_fail_before_writing(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="no checkpoint"):
-        RR.run(_rr_cfg(tmp_path, init_from=str(tmp_path / "missing.pt")))
+    pytest.raises(ValueError, RR.run, _rr_cfg(tmp_path, init_from=str(tmp_path / "missing.pt"))).match("no checkpoint")
     ck = tmp_path / "other.pt"  # a GPT with another vocabulary
     g = _rr_gpt(vocab=1000)
     torch.save({"model": g.state_dict(), "model_args": asdict(g.config)}, ck)
-    with pytest.raises(ValueError, match="must hold a plain GPT with vocab_size"):
-        RR.run(_rr_cfg(tmp_path, init_from=str(ck)))
+    pytest.raises(ValueError, RR.run, _rr_cfg(tmp_path, init_from=str(ck))).match("must hold a plain GPT with vocab_size")
     torch.save({"model": {"foo": torch.zeros(1)}, "model_args": {"vocab_size": 1}}, ck)
-    with pytest.raises(ValueError, match="init_from"):
-        RR.run(_rr_cfg(tmp_path, init_from=str(ck)))
-
-    def no_net(*a, **k):
-        raise OSError("network unreachable")
-    monkeypatch.setattr(urllib.request, "urlopen", no_net)
+    pytest.raises(ValueError, RR.run, _rr_cfg(tmp_path, init_from=str(ck))).match("init_from")
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("network unreachable")))
     with pytest.raises(ValueError, match="could not download GPT-2"):
         RR.run(_rr_cfg(tmp_path, init_from="gpt2", tokenizer="gpt2", dataset="text:" + str(_rr_text(tmp_path))))
     assert not (tmp_path / "out").exists() and not (tmp_path / "data" / "gpt2").exists()
@@ -954,14 +930,11 @@ def test_neuron_bf16_recheck_rescores_near_ties_and_restores_the_exact_path(monk
             s[0, i[1]] = v[0] + 1e-3 * v[0].abs()
         return s
     monkeypatch.setattr(NP, "layer_scores", noisy)
-    wrong = NP.greedy_path(model, x, y, NP.replace(cfg, precision="bf16", recheck=0.0))
+    run = lambda r, st=None: NP.greedy_path(model, x, y, NP.replace(cfg, precision="bf16", recheck=r), stats=st)
+    wrong, st, st0 = run(0.0), {}, {}
     assert not torch.equal(wrong[0], exact[0]) and torch.equal(wrong[1:], exact[1:])
-    st = {}
-    assert torch.equal(NP.greedy_path(model, x, y, NP.replace(cfg, precision="bf16", recheck=0.01), stats=st), exact)
-    assert st["rows"] == 4 * 3 and 3 <= st["rechecked"] < 4 * 3  # image 0 at every layer, not every row
-    st = {}
-    assert torch.equal(NP.greedy_path(model, x, y, NP.replace(cfg, precision="bf16", recheck=1e-6), stats=st), wrong)
-    assert st == {"rows": 12, "rechecked": 0}  # 0.1% is no near tie at a 1e-4 % margin: nothing rescored
+    assert torch.equal(run(0.01, st), exact) and st["rows"] == 4 * 3 and 3 <= st["rechecked"] < 4 * 3  # image 0, all layers
+    assert torch.equal(run(1e-6, st0), wrong) and st0 == {"rows": 12, "rechecked": 0}  # 0.1% is no tie at 1e-6
 
 def test_neuron_vit_b_16_mapping_matches_torchvision():
     tv = pytest.importorskip("torchvision")
