@@ -764,13 +764,14 @@ def bench(model, cfg, device):
     y = torch.randint(0, cfg.n_class, (cfg.bench_images,), device=device)
     # one pass = forward + input-gradient backward (~2x forward); L layers x m steps passes per image
     flops_img = 2 * fwd_flops_per_image(cfg) * cfg.n_layer * cfg.m
-    if device != "cuda":
-        print("note: off CUDA, tf32 is fp32; bf16 runs as CPU autocast (bf16 matmuls, not the GPU's kernels)")
-    results, ref = [], None
+    results, ref, cuda = [], None, device == "cuda"
     # (precision, fused attention, recheck): bf16 alone, then bf16 + SDPA with its near ties rescored in
     # tf32 at half, one and two times --recheck (more rechecks: slower, and fewer paths left to chance)
-    settings = [("fp32", False, 0.0), ("tf32", False, 0.0), ("tf32", True, 0.0), ("bf16", False, 0.0),
-                ("bf16", True, 0.0)] + [("bf16", True, f * cfg.recheck) for f in (0.5, 1, 2) if cfg.recheck > 0]
+    settings = [("fp32", False, 0.0)] + [("tf32", False, 0.0), ("tf32", True, 0.0)] * cuda
+    settings += [("bf16", False, 0.0), ("bf16", True, 0.0)] + [("bf16", True, f * cfg.recheck) for f in (0.5, 1, 2)
+                                                               if cfg.recheck > 0]
+    if not cuda:
+        print("note: off CUDA, tf32 is fp32 (skipped) and bf16 is CPU autocast (bf16 matmuls, not the GPU's kernels)")
     for prec, sdpa, recheck in settings:
         if cfg.compile:  # a fresh compile per setting: a changed attribute may not trigger a recompile
             torch._dynamo.reset()
@@ -780,13 +781,13 @@ def bench(model, cfg, device):
                 blk.attn.compile()
         c, stats = replace(cfg, precision=prec, recheck=recheck), {}
         set_matmul_precision(prec)
-        greedy_path(model, x[:cfg.path_batch], y[:cfg.path_batch], c)  # warm-up (kernels, compile)
-        if device == "cuda":
+        if cuda:  # warm-up (kernels, compile)
+            greedy_path(model, x[:cfg.path_batch], y[:cfg.path_batch], c)
             torch.cuda.synchronize()
         t0 = time.time()
         paths = torch.cat([greedy_path(model, x[i:i + cfg.path_batch], y[i:i + cfg.path_batch], c, stats=stats)
                            for i in range(0, len(x), cfg.path_batch)])
-        if device == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         dt = time.time() - t0
         ref = paths if ref is None else ref
@@ -801,7 +802,7 @@ def bench(model, cfg, device):
               f"identical paths {100 * r['same_paths']:.0f}% (neurons {100 * r['same_neurons']:.1f}%) vs fp32")
     set_matmul_precision("fp32")
     with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name() if device == "cuda" else device, "model": cfg.model,
+        json.dump({"device": torch.cuda.get_device_name() if cuda else device, "model": cfg.model,
                    "weights": cfg.weights or "torchvision", "batch": cfg.path_batch, "m": cfg.m, "runs": results},
                   f, indent=1)
     return results
