@@ -82,6 +82,7 @@ class Config:
     fit_frac: float = 0.8  # share of each class's images used to fit its mode path
     precision: str = "fp32"  # attribution numerics: fp32 | tf32 | bf16 (autocast)
     recheck: float = 0.005  # bf16 search: rescore in tf32 the rows whose top-2 gap < recheck x |top| (0 = off)
+    # (a heuristic: a bf16 error larger than the margin can still flip a pick; --bench measures how often)
     # system
     preset: str = ""  # '' | tiny (CPU, about a minute)
     device: str = "auto"  # auto | cuda | mps | cpu
@@ -133,6 +134,8 @@ def check_config(cfg):
         raise ValueError(f"unknown dataset {cfg.dataset!r} for {cfg.model}: use {' | '.join(ok)} | imagefolder:PATH")
     if cfg.image_size % cfg.patch_size:
         raise ValueError(f"image_size {cfg.image_size} is not divisible by patch_size {cfg.patch_size}")
+    if cfg.model == "vit_cifar" and cfg.dataset in ("auto", "cifar10") and cfg.image_size != 32:
+        raise ValueError(f"cifar10 images are 32 x 32: image_size must be 32, got {cfg.image_size}")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
     if cfg.m < 1:
@@ -410,8 +413,9 @@ def greedy_path(model, x, y, cfg, k=1, hbar=None, stats=None):
         s = layer_scores(model, x, y, hbar, prefix, cfg)  # (B, H)
         if cfg.precision == "bf16" and cfg.recheck > 0:
             # bf16 perturbs every score a little, which only matters where the ranking is a near tie: those
-            # rows (a gap among the top k+1 below recheck x |top score|) are scored again in tf32, so the
-            # fast search keeps the paths of the exact one (README: bench) at the price of a few tf32 passes.
+            # rows (a gap among the top k+1 below recheck x |top score|) are scored again in tf32 (fp32 off
+            # CUDA), at the price of a few tf32 passes. Not a guarantee: a pick whose bf16 error exceeds the
+            # margin still flips, and tf32 is not fp32; the bench reports the share of paths equal to fp32's.
             v = s.topk(min(k + 1, s.shape[1]), dim=1).values  # (B, k+1) descending
             near = (v[:, :-1] - v[:, 1:]).min(1).values < cfg.recheck * v[:, 0].abs()  # (B,)
             if near.any():
@@ -611,7 +615,7 @@ def evaluate(model, X, Y, cfg, device, bs=1000):
 def same_run(ck, cfg):
     """A saved ckpt.pt is this run's model if its shape and training recipe equal cfg's (else: retrain)."""
     keys = ("image_size", "patch_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "n_class", "epochs",
-            "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing", "n_train", "dataset")
+            "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing", "n_train", "dataset", "dropout")
     return all(ck["config"].get(k) == getattr(cfg, k) for k in keys)
 
 def train_vit(model, ds, cfg, device, log, ck=None):
@@ -766,9 +770,9 @@ def bench(model, cfg, device):
     flops_img = 2 * fwd_flops_per_image(cfg) * cfg.n_layer * cfg.m
     results, ref, cuda = [], None, device == "cuda"
     # (precision, fused attention, recheck): bf16 alone, then bf16 + SDPA with its near ties rescored in
-    # tf32 at half, one and two times --recheck (more rechecks: slower, and fewer paths left to chance)
+    # tf32 at 0.5, 1, 2 and 4 times --recheck (more rechecks: slower, and fewer paths left to chance)
     settings = [("fp32", False, 0.0)] + [("tf32", False, 0.0), ("tf32", True, 0.0)] * cuda
-    settings += [("bf16", False, 0.0), ("bf16", True, 0.0)] + [("bf16", True, f * cfg.recheck) for f in (0.5, 1, 2)
+    settings += [("bf16", False, 0.0), ("bf16", True, 0.0)] + [("bf16", True, f * cfg.recheck) for f in (0.5, 1, 2, 4)
                                                                if cfg.recheck > 0]
     if not cuda:
         print("note: off CUDA, tf32 is fp32 (skipped) and bf16 is CPU autocast (bf16 matmuls, not the GPU's kernels)")
@@ -830,10 +834,11 @@ def load_data(cfg):
         elif len(cls) == 1000:
             idx = torch.arange(1000)  # a full ImageNet-style folder: sorted wnids = ImageNet order
         else:
-            raise RuntimeError(f"cannot map the {len(cls)} classes of {name} to ImageNet indices")
+            raise data.DataError(f"cannot map the {len(cls)} classes of {name} to ImageNet indices: use Imagenette's "
+                                 f"wnids or a 1000-class ImageNet folder")
         ds = {s: (ds[s][0], idx[ds[s][1]]) for s in ("train", "test")} | {"classes": cls, "imagenet_idx": idx}
     if tuple(ds["test"][0].shape[1:]) != (3, cfg.image_size, cfg.image_size):
-        raise RuntimeError(f"{name} images are {tuple(ds['test'][0].shape[1:])}, the model wants "
+        raise data.DataError(f"{name} images are {tuple(ds['test'][0].shape[1:])}, the model wants "
                            f"(3, {cfg.image_size}, {cfg.image_size})")
     return ds
 
@@ -846,15 +851,16 @@ def balanced_subset(Y, n, n_class, seed):
 
 def main(cfg):
     check_config(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     device = get_device(cfg.device)
     print(f"device {device} | config {json.dumps(asdict(cfg))}")
+    # the ViT-B/16 weights and the images come first: a failed download or a wrong folder writes nothing
+    sd = fetch_vit_b_16(cfg) if cfg.model == "vit_b_16" and cfg.weights != "random" else None
+    ds = None if cfg.bench else load_data(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
     logf = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
     log = lambda d: (logf.write(json.dumps(d) + "\n"), logf.flush())
-    # the ViT-B/16 weights come first, so that a failed download fails at start
-    sd = fetch_vit_b_16(cfg) if cfg.model == "vit_b_16" and cfg.weights != "random" else None
     set_seed(cfg.seed)
     model = ViT(cfg)
     if sd is not None:
@@ -862,7 +868,6 @@ def main(cfg):
     model.to(device)
     if cfg.bench:
         return bench(model, cfg, device)
-    ds = load_data(cfg)
     classes, n_class = ds["classes"], len(ds["classes"])
     history, ckpt_path = [], os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.model == "vit_cifar":

@@ -328,10 +328,10 @@ def load_full_checkpoint(path, vocab_size):
         raise ValueError(f"init_from: {path} must hold a plain GPT with vocab_size {vocab_size} (the "
                          f"tokenizer's); it has vocab_size {gcfg.vocab_size}, n_loops {a.get('n_loops', 1)}")
     sd = {k.removeprefix("_orig_mod."): v for k, v in ck["model"].items()}
-    missing, unexpected = GPT(gcfg).load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"init_from: {path} does not match a nanoGPT GPT "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    ref = {k: v.shape for k, v in GPT(gcfg).state_dict().items()}
+    bad = sorted(set(ref) ^ set(sd)) + [k for k in ref if k in sd and sd[k].shape != ref[k]]
+    if bad:  # missing, unexpected or misshapen tensors
+        raise ValueError(f"init_from: {path} does not match a nanoGPT GPT of its model_args (e.g. {bad[:3]})")
     return gcfg, sd
 
 # -----------------------------------------------------------------------------
@@ -349,14 +349,15 @@ def source_layers(init, N, K):
 
 @torch.no_grad()
 def convert(full, n_blocks, n_loops, init="stepwise", lora_rank=0, lora_init="svd"):
-    """Full GPT -> GPT with n_blocks shared blocks x n_loops loops. Embeddings, ln_f and head are
-    copied; block k is copied/averaged from source_layers; with LoRA, depth d's adapters are the
-    truncated SVD of (W_d - W_shared) in fp32: B = U S, A = V^T (Eq. 4-5, no alpha/r factor)."""
+    """Full GPT -> GPT with n_blocks shared blocks x n_loops loops. Embeddings, ln_f and head are copied
+    (not for init=random: the reduced-size baseline is trained from scratch, notes §3); block k is
+    copied/averaged from source_layers; with LoRA, depth d's adapters are the truncated SVD of
+    (W_d - W_shared) in fp32: B = U S, A = V^T (Eq. 4-5, no alpha/r factor)."""
     N, K, R = full.config.n_layer, n_blocks, n_loops
     model = GPT(GPTConfig(**{**asdict(full.config), "n_layer": K}), R, lora_rank)
     src = dict(full.named_parameters())
     for name in ("transformer.wte.weight", "transformer.wpe.weight") + \
-            tuple(n for n in src if n.startswith("transformer.ln_f")):
+            tuple(n for n in src if n.startswith("transformer.ln_f")) if init != "random" else ():
         model.get_parameter(name).copy_(src[name])
     # ALGO LOGIC: shared block k <- mean of its source layers (weights, biases and norms alike)
     for k, layers in enumerate(source_layers(init, N, K)):
@@ -545,7 +546,8 @@ def exit_stats(res, exits):
     ar, R = torch.arange(exits.numel()), res["agree"].shape[0]
     return {"exit_rate": (exits < R).float().mean().item(), "mean_exit_loop": exits.float().mean().item(),
             "hist": torch.bincount(exits - 1, minlength=R).tolist(),
-            "agreement": res["agree"][exits - 1, ar].float().mean().item(),
+            "agreement": res["agree"][exits - 1, ar].float().mean().item(),  # of all tokens (those at loop R agree)
+            "agreement_of_exits": res["agree"][exits - 1, ar][exits < R].float().mean().nan_to_num(1.0).item(),
             "ppl": math.exp(res["nll"][exits - 1, ar].mean().item())}
 
 # -----------------------------------------------------------------------------
@@ -562,10 +564,9 @@ def serve(model, requests, max_batch, device, refill="continuous", exit_mode="no
     | oracle (schedule[req][pos] = exit loop from teacher-forced trajectories, as in the paper) | confidence
     (max prob >= tau). kv_fill, the skipped depths' KV of exited tokens: propagate | full (run them, charged)."""
     K, R, C = model.config.n_layer, model.n_loops, model.config.n_embd
-    nh, hs = model.config.n_head, C // model.config.n_head
+    nh, hs, dt = model.config.n_head, C // model.config.n_head, amp_dtype(device)
     Tmax = max(len(p) + n for p, n in requests)
     assert Tmax <= model.config.block_size and len({len(p) for p, _ in requests}) == 1
-    dt = amp_dtype(device)
     kc, vc = (torch.zeros(K * R, max_batch, nh, Tmax, hs, device=device, dtype=dt) for _ in "kv")  # one per depth
     # flat view: row d * max_batch + slot is depth d of a slot, so the mixed depths of one step are
     # ONE index_select (a memcpy per row; 2-D fancy indexing is ~3x slower on CPU)
@@ -660,8 +661,7 @@ def serve(model, requests, max_batch, device, refill="continuous", exit_mode="no
                     loop[s] += 1
             if refill == "static" and not any(left(s) for s in act):
                 req[:] = [-1] * max_batch  # the longest request of the batch is done: the batch ends
-    sync(device)
-    wall = time.perf_counter() - t0
+    sync(device); wall = time.perf_counter() - t0
     n_dec = sum(n - 1 for _, n in requests)  # decode tokens: the first token of each request comes from prefill
     return {"tokens": out, "time_s": wall, "tok_per_s": sum(n for _, n in requests) / wall, "prefill_s": t_pre,
             "decode_tok_per_s": n_dec / max(wall - t_pre, 1e-9), "steps": steps, "exit_hist": hist, "kv": (kc, vc)}
@@ -682,9 +682,7 @@ def trajectory_exits(model, requests, tokens, device):
 @torch.no_grad()
 def step_times(model, batches, ctx, device, reps=10):
     """Measured time of one shared-block pass (K blocks, one loop) at each batch size, KV length ctx."""
-    C, nh = model.config.n_embd, model.config.n_head
-    dt = amp_dtype(device)
-    res = {}
+    C, nh, dt, res = model.config.n_embd, model.config.n_head, amp_dtype(device), {}
     for b in batches:  # mixed loops (lp) so relaxed models pay their per-row LoRA
         kv = torch.randn(b, nh, ctx, C // nh, device=device, dtype=dt)
         hook = lambda kk, vv, kv=kv: (kv, kv, torch.ones(b, 1, 1, ctx, dtype=torch.bool, device=device))
@@ -705,8 +703,7 @@ def simulate(lengths, exits, t_step, max_batch, mode, R):
     t_step[active batch] (seconds). lengths: decode tokens per request; exits[i]: exit loop per token. mode:
     static (a batch steps until its longest request ends) | csb (step = full-model pass) | cdb (step = one
     loop of the shared block) | ee_sync (early exit, no CDB: a step waits for its slowest token). -> (tok/s, steps)"""
-    bs = sorted(t_step)
-    t = lambda b: float(np.interp(b, bs, [t_step[k] for k in bs]))
+    t = lambda b, bs=sorted(t_step): float(np.interp(b, bs, [t_step[k] for k in bs]))  # step time at batch b
     total, steps, queue = 0.0, 0, deque(i for i, n in enumerate(lengths) if n > 0)
     slots = []  # [request, token index, loops done]
     while queue or slots:
@@ -778,16 +775,21 @@ def resolve_full(cfg, data_dir):
     else:
         gcfg = GPTConfig(cfg.block_size, meta["vocab_size"], cfg.n_layer, cfg.n_head, cfg.n_embd,
                          cfg.dropout, cfg.bias)
-        key = {"pretrain": asdict(gcfg), "iters": cfg.pretrain_iters, "lr": cfg.pretrain_lr, "bs": cfg.batch_size}
-    if gcfg.n_layer != cfg.n_layer:
-        print(f"the full model has {gcfg.n_layer} layers ({cfg.init_from}): using n_layer={gcfg.n_layer}")
-        cfg.n_layer = gcfg.n_layer
+        key = {"pretrain": asdict(gcfg), "iters": cfg.pretrain_iters, "lr": cfg.pretrain_lr, "bs": cfg.batch_size,
+               "wd": cfg.weight_decay}
+    if (gcfg.n_layer, gcfg.n_head, gcfg.n_embd) != (cfg.n_layer, cfg.n_head, cfg.n_embd):
+        print(f"the full model is {gcfg.n_layer} x {gcfg.n_embd} ({gcfg.n_head} heads) ({cfg.init_from}): using it")
+        cfg.n_layer, cfg.n_head, cfg.n_embd = gcfg.n_layer, gcfg.n_head, gcfg.n_embd  # config.json tells the truth
         check_config(cfg)
     gcfg.block_size = min(gcfg.block_size, cfg.block_size)  # train/eval context: cut wpe rows
+    if cfg.prompt_len + cfg.gen_max > gcfg.block_size:  # a short-context checkpoint: fail now, not after training
+        raise ValueError(f"prompt_len + gen_max = {cfg.prompt_len + cfg.gen_max} exceeds the model's context "
+                         f"{gcfg.block_size} ({cfg.init_from})")
     if full_sd is not None:
         full_sd["transformer.wpe.weight"] = full_sd["transformer.wpe.weight"][:gcfg.block_size]
     return meta, gcfg, full_sd, {"data": [cfg.dataset, cfg.tokenizer, meta["source_sha256"]], "src": key,
-                                 "seed": cfg.seed}
+                                 "seed": cfg.seed, "ctx": [gcfg.block_size, gcfg.dropout],
+                                 "sched": [cfg.warmup_frac, cfg.min_lr_frac, cfg.grad_clip]}
 
 def run(cfg):
     """The whole pipeline; returns the summary dict (also written to out_dir/summary.json)."""
@@ -818,7 +820,7 @@ def run(cfg):
 
     # ALGO LOGIC: every run is converted from the same full model, then uptrained on the same
     # token windows with the same recipe and KD from the full model (Sec. 3.1, 3.6)
-    key = {**key, "up": [cfg.uptrain_iters, cfg.lr, cfg.batch_size, cfg.kd_weight, cfg.kd_temp, cfg.weight_decay]}
+    key = {**key, "up": [cfg.uptrain_iters, cfg.lr, cfg.batch_size, cfg.kd_weight, cfg.kd_temp, cfg.weight_decay, R]}
     main_name = f"rec_{cfg.init}" if cfg.lora_rank == 0 else \
         f"{'relaxed' if cfg.lora_init == 'svd' else 'relaxedzero'}_{cfg.init}_r{cfg.lora_rank}"
     runs = [r.strip() for r in cfg.runs.split(",")]
@@ -951,8 +953,7 @@ def finish(cfg, summary, out):
     return summary
 
 def save_plots(summary, out):
-    import matplotlib
-    matplotlib.use("Agg")
+    import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = summary["results"]
     if rows:  # the paper's Pareto picture: perplexity vs non-embedding parameters

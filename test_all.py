@@ -4,18 +4,7 @@ One section per file (data.py, tying_rl.py, recursive.py, neuron_path.py). Every
 equivalences with a reference computation, invariants, or planted answers; each script's real `main` runs once on a
 tiny config with data the test writes itself.
 """
-import gc
-import gzip
-import hashlib
-import io
-import json
-import math
-import os
-import pickle
-import tarfile
-import urllib.error
-import urllib.request
-import weakref
+import gc, gzip, hashlib, io, json, math, os, pickle, tarfile, urllib.error, urllib.request, weakref
 from dataclasses import asdict
 from pathlib import Path
 
@@ -111,8 +100,7 @@ class _FakeResponse(io.BytesIO):  # BytesIO is already a context manager
 
 def test_data_wrong_checksum_raises_and_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _FakeResponse(b"not the ptb"))
-    e = pytest.raises(data.DataError, data.prepare_text, "ptb", "char", tmp_path)
-    e.match("checksum mismatch")
+    (e := pytest.raises(data.DataError, data.prepare_text, "ptb", "char", tmp_path)).match("checksum mismatch")
     assert list((tmp_path / "ptb").iterdir()) == []  # neither the file nor a .part remains
     assert str(tmp_path / "ptb" / "ptb.train.txt") in str(e.value) and ".part" not in str(e.value)  # the real path
     monkeypatch.setitem(data.SOURCES, "toy", {"t.gz": ("http://x", "gz-md5:" + "0" * 32)})  # a gz- sum on plain
@@ -157,8 +145,7 @@ def test_data_idx_reader_and_mnist_loader(tmp_path, monkeypatch):
             f.write(a.astype(np.uint8).tobytes())
     # no checksums for the files the test wrote (the real table pins the real MNIST)
     monkeypatch.setitem(data.SOURCES, "mnist", {f"{k}-ubyte.gz": ("http://x", None) for k in arrays})
-    ds = data.load_images("mnist", tmp_path)
-    x, y = ds["train"]
+    x, y = (ds := data.load_images("mnist", tmp_path))["train"]
     assert x.dtype == torch.uint8 and x.shape == (5, 1, 28, 28) and y.dtype == torch.int64
     assert np.array_equal(x[:, 0].numpy(), arrays["train-images-idx3"]) and y.tolist() == [0, 1, 2, 3, 4]
     assert ds["test"][1].tolist() == [9, 8, 7] and len(ds["classes"]) == 10
@@ -176,8 +163,7 @@ def test_data_cifar_pickle_reader(tmp_path, monkeypatch):
     with tarfile.open(tmp_path / "cifar10" / "cifar-10-python.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "cifar10" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     monkeypatch.setitem(data.SOURCES, "cifar10", {"cifar-10-python.tar.gz": ("http://x", None)})
-    ds = data.load_images("cifar10", tmp_path)
-    x, y = ds["train"]
+    x, y = (ds := data.load_images("cifar10", tmp_path))["train"]
     assert x.shape == (10, 3, 32, 32) and y.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
     # CIFAR stores each image as 1024 red, then green, then blue values: channel-first
     assert np.array_equal(x[0].numpy().reshape(-1), batches["data_batch_1"][b"data"][0])
@@ -212,8 +198,7 @@ def test_data_image_folder_reader(tmp_path, as_tar):
 
 def test_gpt_copies_in_tying_rl_and_recursive_agree():
     kw = dict(block_size=16, vocab_size=50, n_layer=3, n_head=2, n_embd=16, dropout=0.0, bias=True)
-    a = TR.GPT(TR.GPTConfig(**kw)).eval()
-    b = RR.GPT(RR.GPTConfig(**kw)).eval()
+    a, b = TR.GPT(TR.GPTConfig(**kw)).eval(), RR.GPT(RR.GPTConfig(**kw)).eval()
     sd = a.state_dict()
     assert set(sd) == set(b.state_dict())  # the same nanoGPT keys
     b.load_state_dict(sd)
@@ -253,8 +238,7 @@ def test_tying_untied_equals_plain_gpt_and_hf_gpt2():
 def test_tying_tied_position_runs_root_weights_and_chains_resolve():
     m, idx = _tying_model(L=5), torch.randint(50, (2, 8))
     h = m.transformer.h  # h[0] is never tied; h[1] only below
-    m.tie(2, 1)
-    m.tie(3, 2)  # chain 3 -> 2 -> 1
+    m.tie(2, 1), m.tie(3, 2)  # chain 3 -> 2 -> 1
     assert m.tie_map() == [0, 1, 1, 1, 4] and m.src == [0, 1, 1, 2, 4]
     assert torch.allclose(m(idx)[0], _tying_manual(m, idx, [h[0], h[1], h[1], h[1], h[4]]), atol=1e-6)
     m.tie(1, 0)  # re-tie the parent: the chain resolves at forward time (D3)
@@ -262,8 +246,7 @@ def test_tying_tied_position_runs_root_weights_and_chains_resolve():
     assert torch.allclose(m(idx)[0], _tying_manual(m, idx, [h[0]] * 4 + [h[4]]), atol=1e-6)
     assert isinstance(h[3], TR.Tied) and len(list(h[3].parameters())) == 0
     assert not any(k.startswith("transformer.h.3.") for k in m.state_dict())
-    before = m.num_params()
-    m.tie(4, 0)
+    before, _ = m.num_params(), m.tie(4, 0)
     assert m.num_params() == before - sum(p.numel() for p in h[0].parameters())
 
 def test_tying_detached_sends_no_grad_and_shared_sums():
@@ -295,27 +278,26 @@ def test_tying_untie_clone_separates_storage_alias_shares(mode):
     TR.restore_structure(m, st)  # a reused aliased Block would load layers 0 and 1 into one storage
     m.load_state_dict(sd)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in sd.items())
+    h = m.transformer.h  # ... and the alias pair shares its storage again: a resumed run trains the same thing
+    assert all((p.data_ptr() == q.data_ptr()) == (mode == "alias") for p, q in zip(h[2].parameters(), h[1].parameters()))
 
 def test_tying_tied_block_leaves_optimizer_and_state_is_freed():
     m, idx = _tying_model(L=3).train(), torch.randint(50, (2, 8))
     opt = torch.optim.AdamW(TR.trainable(m), lr=1e-3)
     m(idx, idx)[1].backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    opt.step(), opt.zero_grad(set_to_none=True)
     old = list(m.transformer.h[2].parameters())
     refs = [weakref.ref(p) for p in old]
     bytes_before, block_bytes = TR.state_bytes(m, opt), sum(p.numel() * 4 for p in old)
     assert all(p in opt.state for p in old)
-    m.tie(2, 0)
-    TR.sync_optimizer(m, opt)
+    m.tie(2, 0), TR.sync_optimizer(m, opt)
     ids = {id(p) for p in opt.param_groups[0]["params"]}
     assert not any(id(p) in ids for p in old) and not any(p in opt.state for p in old)
     assert TR.state_bytes(m, opt) == bytes_before - 3 * block_bytes  # weights + exp_avg + exp_avg_sq
     del old
     gc.collect()
     assert all(r() is None for r in refs)  # the tensors are really gone
-    m.untie(2)  # back: fresh params, no state until the next step
-    TR.sync_optimizer(m, opt)
+    m.untie(2), TR.sync_optimizer(m, opt)  # back: fresh params, no state until the next step
     ids = {id(q) for q in opt.param_groups[0]["params"]}
     assert all(id(p) in ids and p not in opt.state for p in m.transformer.h[2].parameters())
 
@@ -347,6 +329,7 @@ def test_tying_reward_clipping():
     assert TR.reward_from_ce(2.0, TR.Config(reward="delta"), ce_before=2.5)[0] == pytest.approx(0.5)
     r, _ = TR.reward_from_ce(2.0, TR.Config(reward="negloss", param_penalty=1.0, n_layer=4), trainable_blocks=2)
     assert r == pytest.approx(-2.5)
+    pytest.raises(TR.NonFiniteLoss, TR.reward_from_ce, float("nan"), cfg)  # min(10, nan) would pay the top reward
 
 def test_tying_reinforce_learns_better_arm():
     agent = TR.ReinforceAgent(2, TR.Config(n_layer=2, agent_lr=1e-2), seed=0)
@@ -364,6 +347,12 @@ def test_tying_fixed_patterns_give_the_official_ablation_maps(kind, tm):
         m.apply_action(l, agent.act(list(m.src), l, 0.0, 0))
     assert m.tie_map() == tm
     assert m.num_params(True, True) == len(set(tm)) * sum(p.numel() for p in m.transformer.h[0].parameters())
+
+def test_tying_roundrobin_moves_each_target_up_by_one_as_official():  # from all tied: sweep 0 already acts
+    m, agent = _tying_model(L=4), TR.FixedAgent(4, "roundrobin", seed=0)
+    TR.set_initial_state(m, "tied")
+    maps = [[m.apply_action(l, agent.act(list(m.src), l, 0.0, k)) for l in (1, 2, 3)] and list(m.src) for k in range(4)]
+    assert maps == [[0, 1, 1, 1], [0, 0, 2, 2], [0, 1, 0, 3], [0, 0, 1, 0]]
 
 # -- the real main() on a tiny synthetic text (char tokenizer, no network) -------------------
 def _tying_main(args):  # tiny CPU models run far faster on one thread when the cores are shared
@@ -389,7 +378,7 @@ def _tying_run(tmp_path, out, *extra):
 def test_tying_main_tiny_summary_seed_and_resume(tmp_path, monkeypatch):
     s, la = _tying_run(tmp_path, "a")
     summ = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert summ["unique_layers"] == len(set(summ["tie_map"])) and summ["n_layer"] == 4
+    assert summ["unique_layers"] == len(set(summ["tie_map"])) == summ["unique_storages"] and summ["n_layer"] == 4
     assert summ["tie_map"][0] == 0 and all(r <= i for i, r in enumerate(summ["tie_map"]))
     assert summ["trainable_block_params"] == summ["unique_layers"] * 12 * 32 * 32 + summ["unique_layers"] * 13 * 32
     assert summ["val_ppl"] > 1 and math.isfinite(summ["test_ppl"]) and summ["mfu"] is None
@@ -426,7 +415,8 @@ def test_tying_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags, msg", [
     (["--n_embd=30", "--n_head=4"], "not divisible"), (["--steps_per_action=0"], "steps_per_action"),
     (["--agent=ppo"], "unknown agent"), (["--dataset=imagenet"], "unknown dataset"),
-    (["--preset=huge"], "unknown preset")])
+    (["--preset=huge"], "unknown preset"), (["--n_head=0"], "not divisible"), (["--eval_batch_size=0"], "eval_batch_size"),
+    (["--eval_max_batches=-1"], "eval_max_batches >= 0"), (["--log_interval=0"], "log_interval")])
 def test_tying_bad_config_fails_at_start(flags, msg, tmp_path):
     pytest.raises(SystemExit, TR.main, flags + [f"--out_dir={tmp_path}", "--device=cpu"]).match(msg)
     assert not (tmp_path / "log.jsonl").exists()  # nothing ran
@@ -504,6 +494,9 @@ def test_recursive_average_init_equals_mean_of_its_layers():
             assert torch.allclose(p, (a + b) / 2)
     s = RR.convert(full, 3, 2, "stepwise")  # 6 -> 3 picks layers 0, 2, 5 (paper's Fig. 2: 1, 3, 6)
     assert torch.equal(s.transformer.h[2].mlp.c_fc.weight, full.transformer.h[5].mlp.c_fc.weight)
+    r = RR.convert(full, 3, 2, "random")  # the reduced-size baseline is trained from scratch: nothing copied
+    assert torch.equal(s.transformer.wte.weight, full.transformer.wte.weight) and not any(torch.equal(
+        r.get_parameter(n), q) for n, q in full.named_parameters() if q.dim() > 1 and n in dict(r.named_parameters()))
 
 def test_recursive_k_equals_n_one_loop_is_original():
     full = _rr_gpt()
@@ -556,8 +549,7 @@ def _rr_hf_layout(model):
     return sd
 
 def test_recursive_gpt2_mapping_on_synthetic_safetensors():
-    src = _rr_gpt(seed=1)
-    sd = _rr_hf_layout(src)
+    sd = _rr_hf_layout(src := _rr_gpt(seed=1))
     header, blobs, off = {"__metadata__": {"format": "pt"}}, [], 0
     for k, v in sd.items():
         b = v.float().numpy().tobytes()
@@ -580,9 +572,8 @@ def test_recursive_gpt2_matches_transformers():
     hf = transformers.GPT2LMHeadModel(hc).eval()
     ours = RR.GPT(RR.GPTConfig(block_size=48, vocab_size=97, n_layer=3, n_head=2, n_embd=32)).eval()
     ours.load_state_dict(RR.gpt2_to_nanogpt(hf.state_dict()))
-    idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
-        assert torch.allclose(ours(idx)[0], hf(idx).logits, atol=1e-4)
+        assert torch.allclose(ours(idx := torch.randint(0, 97, (2, 20)))[0], hf(idx).logits, atol=1e-4)
 
 def test_recursive_distillation_zero_when_student_equals_teacher():
     a, b, y = torch.randn(2, 5, 11), torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
@@ -619,17 +610,14 @@ def _rr_requests(n=7, P=5, vocab=97):
     return [(torch.randint(0, vocab, (P,), generator=g), int(k)) for k in [3, 9, 1, 6, 12, 4, 8][:n]]
 
 def test_recursive_cdb_without_exits_is_greedy_decoding_and_refills():
-    full, rec = _rr_relaxed()
-    reqs = _rr_requests()
+    (full, rec), reqs = _rr_relaxed(), _rr_requests()
     for model in (rec, full):
         want = [RR.generate(model, p[None], n)[0, len(p):].tolist() for p, n in reqs]
         for refill in ("continuous", "static"):
             res = RR.serve(model, reqs, 3, "cpu", refill=refill)   # 7 requests through 3 slots
             assert res["tokens"] == want
             assert res["exit_hist"][-1] == sum(n - 1 for _, n in reqs)  # every decode token ran all loops
-    cont = RR.serve(rec, reqs, 3, "cpu")
-    stat = RR.serve(rec, reqs, 3, "cpu", refill="static")
-    assert cont["steps"] < stat["steps"]  # refilling freed slots saves steps
+    assert RR.serve(rec, reqs, 3, "cpu")["steps"] < RR.serve(rec, reqs, 3, "cpu", refill="static")["steps"]  # refills
     blk, sizes = full.transformer.h[0], []  # static batching: finished rows compute on until the batch ends
     blk.forward = lambda x, *a, f=blk.forward: sizes.append(x.shape[:2]) or f(x, *a)
     RR.serve(full, reqs, 3, "cpu", refill="static")   # batches [3, 9, 1], [6, 12, 4], [8]
@@ -641,8 +629,7 @@ def test_recursive_cdb_kv_cache_has_one_entry_per_depth():
     p, n = _rr_requests(1)[0]
     res = RR.serve(rec, [(p, n)], 1, "cpu")
     seq = torch.cat([p, torch.tensor(res["tokens"][0][:-1])])[None]
-    dense = []  # K/V of a dense forward at each effective depth d = loop * K + k
-    x = rec.embed(seq)
+    dense, x = [], rec.embed(seq)  # dense: K/V of a dense forward at each effective depth d = loop * K + k
     for loop in range(2):
         for blk in rec.transformer.h:
             x = blk(x, loop, lambda k, v: (dense.append((k, v)), (k, v, None))[1])
@@ -654,8 +641,7 @@ def test_recursive_cdb_kv_cache_has_one_entry_per_depth():
     assert not torch.allclose(kc[0, 0, :, :T], kc[2, 0, :, :T])  # loop 1 and loop 2 of block 0 differ
 
 def test_recursive_oracle_exits_save_steps_and_full_kv_keeps_greedy_tokens():
-    _, rec = _rr_relaxed()
-    reqs = _rr_requests()
+    (_, rec), reqs = _rr_relaxed(), _rr_requests()
     base = RR.serve(rec, reqs, 3, "cpu")
     sched = RR.trajectory_exits(rec, reqs, base["tokens"], "cpu")
     assert all(e in (1, 2) for s in sched for e in s.values())
@@ -691,6 +677,8 @@ def test_recursive_exit_rules_and_calibration():
     assert 0.8 < tau <= 0.9 and RR.confidence_exits(maxp, tau).tolist() == [1, 2, 2, 2]
     tau75 = RR.calibrate_tau(maxp, agree, 0.75)  # letting token 1 exit wrongly is fine, token 3 not
     assert 0.2 < tau75 <= 0.3 and RR.confidence_exits(maxp, tau75).tolist() == [1, 1, 1, 2]
+    st = RR.exit_stats({"agree": agree, "nll": torch.zeros(2, 4)}, torch.tensor([1, 1, 1, 2]))
+    assert (st["exit_rate"], st["agreement"], st["agreement_of_exits"]) == (0.75, 0.75, pytest.approx(2 / 3))
 
 def test_recursive_simulator_planted_schedules():
     t = {1: 1.0, 2: 1.0}  # 1 s per step whatever the batch
@@ -729,6 +717,9 @@ def test_recursive_main_tiny_writes_summary(tmp_path, capsys):
     RR.main(args + ["--stage=study"])
     printed = capsys.readouterr().out
     assert printed.count("reusing") == len(names) and "step " not in printed
+    RR.main(args + ["--stage=study", "--n_loops=4"])  # another B: only the full model is reused, rows say K=1
+    printed, summ = capsys.readouterr().out, json.loads((out / "summary.json").read_text())
+    assert printed.count("reusing") == 1 and all(r["blocks"] == 1 for r in summ["results"] if r["loops"] == 4)
 
 @pytest.mark.parametrize("kw,msg", [
     (dict(n_layer=5, n_loops=2), "not divisible"),
@@ -749,6 +740,11 @@ def test_recursive_bad_checkpoint_and_download_fail_before_writing(tmp_path, mon
     pytest.raises(ValueError, RR.run, _rr_cfg(tmp_path, init_from=str(ck))).match("must hold a plain GPT with vocab_size")
     torch.save({"model": {"foo": torch.zeros(1)}, "model_args": {"vocab_size": 1}}, ck)
     pytest.raises(ValueError, RR.run, _rr_cfg(tmp_path, init_from=str(ck))).match("init_from")
+    V = data.prepare_text(_rr_cfg(tmp_path).dataset, "char", tmp_path / "data")["vocab_size"]
+    g = RR.GPT(RR.GPTConfig(block_size=16, vocab_size=V, n_layer=4, n_head=2, n_embd=32))
+    for args, msg in [({**asdict(g.config), "n_embd": 64}, "does not match"), (asdict(g.config), "exceeds the model's context")]:
+        torch.save({"model": g.state_dict(), "model_args": args}, ck)  # wrong shapes; a 16-token context < 8 + 24
+        pytest.raises(ValueError, RR.run, _rr_cfg(tmp_path, init_from=str(ck))).match(msg)
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("network unreachable")))
     with pytest.raises(ValueError, match="could not download GPT-2"):
         RR.run(_rr_cfg(tmp_path, init_from="gpt2", tokenizer="gpt2", dataset="text:" + str(_rr_text(tmp_path))))
@@ -758,8 +754,7 @@ def test_recursive_cli_preset_then_flags():
     cfg = RR.parse_config(["--preset=tiny", "--n_layer=6", "--plot=False"])
     assert (cfg.n_layer, cfg.n_embd, cfg.tokenizer, cfg.plot) == (6, RR.TINY["n_embd"], "char", False)
     assert RR.parse_config([]).n_layer == 12 and RR.parse_config(["--plot=1"]).plot is True
-    with pytest.raises(ValueError, match="unknown preset"):
-        RR.parse_config(["--preset=huge"])
+    pytest.raises(ValueError, RR.parse_config, ["--preset=huge"]).match("unknown preset")
 
 # -----------------------------------------------------------------------------
 # neuron_path.py: ViT CLS-row edits, joint attribution score, greedy path search, main
@@ -789,8 +784,7 @@ def test_neuron_clamped_forward_alpha1_is_clean_alpha0_zeroes_selected():
     # c_fc output is zeroed there by hooks (GELU(0) = 0), patch rows untouched
     zero_cls = lambda l: lambda mod, i, o: torch.cat([o[:, :1].masked_fill(sel[l][:, None], 0), o[:, 1:]], 1)
     hooks = [model.h[l].mlp.c_fc.register_forward_hook(zero_cls(l)) for l in range(3)]
-    ref0 = model(x)
-    [h.remove() for h in hooks]
+    ref0, _ = model(x), [h.remove() for h in hooks]
     edit0 = {l: (lambda h, l=l: torch.where(sel[l], 0 * h, h)) for l in range(3)}
     assert torch.allclose(model(x, edit0), ref0, atol=1e-6)
     # scaled_run's gradients are taken at exactly these states: compare p at alpha_0 = 0 via m = 1
@@ -980,14 +974,14 @@ def test_neuron_main_tiny_writes_summary_and_paths(tmp_path, monkeypatch):
     s = NP.jas(model, x, y, NP.clean_acts(model, x)[1], path, cfg)
     assert abs(s.item() - greedy["jas"]) < 1e-5 * max(1, abs(s.item()))
     assert NP.main(cfg)["clean_acc"] == summary["clean_acc"]  # the second run reuses the checkpoint
-    for kw in (dict(n_layer=1), dict(epochs=2)):  # another shape or recipe in the same out_dir: retrain, no crash
+    for kw in (dict(n_layer=1), dict(epochs=2), dict(dropout=0.1)):  # another shape or recipe in the same out_dir: retrain, no crash
         NP.main(NP.make_config(**{**asdict(cfg), "n_images": 0, **kw}))
         assert all(torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"][k] == v for k, v in kw.items())
 
 @pytest.mark.parametrize("kw, msg", [
     (dict(image_size=30), "not divisible by patch_size"), (dict(m=0), "must be >= 1"),
     (dict(topk="1,5000"), "MLP width"), (dict(model="resnet"), "unknown model"),
-    (dict(dataset="svhn"), "unknown dataset")])
+    (dict(dataset="svhn"), "unknown dataset"), (dict(image_size=64), "image_size must be 32")])
 def test_neuron_bad_input_fails_at_start(tmp_path, kw, msg):
     pytest.raises(ValueError, NP.main, NP.make_config(out_dir=str(tmp_path), device="cpu", **kw)).match(msg)
     assert not (tmp_path / "config.json").exists()  # failed before doing anything
@@ -997,3 +991,10 @@ def test_neuron_weights_download_failure_fails_at_start(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DATA_DIR", tmp_path)
     with pytest.raises(RuntimeError, match="could not download the ViT-B/16 weights"):
         NP.main(NP.make_config(model="vit_b_16", out_dir=str(tmp_path / "out"), device="cpu"))
+    from PIL import Image  # a folder whose classes are not ImageNet wnids: one clear error, nothing written
+    for split, c in [("train", "owl"), ("val", "emu")]:
+        (tmp_path / "f" / split / c).mkdir(parents=True), Image.new("RGB", (8, 8)).save(tmp_path / "f" / split / c / "0.png")
+    with pytest.raises(data.DataError, match="cannot map the 2 classes"):
+        NP.main(NP.make_config(model="vit_b_16", weights="random", dataset=f"imagefolder:{tmp_path / 'f'}",
+                               out_dir=str(tmp_path / "out"), device="cpu"))
+    assert not (tmp_path / "out").exists()

@@ -122,12 +122,14 @@ def validate(cfg):
             raise ValueError(f"unknown {k} {getattr(cfg, k)!r}: choose one of {', '.join(allowed)}")
     if cfg.dataset not in DATASETS and not cfg.dataset.startswith("text:"):
         raise ValueError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)} or text:PATH")
-    if cfg.n_embd % cfg.n_head:
+    if cfg.n_head < 1 or cfg.n_embd % cfg.n_head:
         raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
     if cfg.steps_per_action < 1:
         raise ValueError(f"steps_per_action={cfg.steps_per_action} must be >= 1")
-    if cfg.n_layer < 2 or cfg.episodes < 1 or cfg.batch_size < 1 or cfg.eval_interval < 1:
-        raise ValueError("need n_layer >= 2, episodes >= 1, batch_size >= 1, eval_interval >= 1")
+    if min(cfg.n_layer - 1, cfg.episodes, cfg.batch_size, cfg.eval_interval, cfg.eval_batch_size, cfg.log_interval,
+           cfg.bench_steps, cfg.eval_max_batches + 1) < 1:
+        raise ValueError("need n_layer >= 2, eval_max_batches >= 0 (0 = whole split) and episodes, batch_size, "
+                         "eval_interval, eval_batch_size, log_interval, bench_steps >= 1")
 
 def parse_config(argv=None):
     """--key=value flags from the Config fields; a --preset's values sit under explicit flags."""
@@ -412,19 +414,25 @@ def set_initial_state(model, init_state):
             model.src[i] = 0
 
 def structure(model):
-    """Plain-type description of which positions own a Block (and if it trains): for ckpts."""
-    return dict(src=list(model.src),
-                own=[isinstance(b, Block) for b in model.transformer.h],
-                trains=[isinstance(b, Block) and b.ln_1.weight.requires_grad for b in model.transformer.h])
+    """Plain-type description of which positions own a Block (and if it trains, and which earlier
+    Block's storage it shares under --untie=alias, else -1): for ckpts."""
+    h = model.transformer.h
+    ptr = [b.ln_1.weight.data_ptr() if isinstance(b, Block) else -1 for b in h]
+    return dict(src=list(model.src), own=[isinstance(b, Block) for b in h],
+                trains=[isinstance(b, Block) and b.ln_1.weight.requires_grad for b in h],
+                alias=[next((j for j in range(i) if ptr[j] == ptr[i] != -1), -1) for i in range(len(h))])
 
 def restore_structure(model, st):
-    """Rebuild Tied placeholders / fresh empty Blocks so that a saved state dict loads into them. Never
-    reuse a Block: under --untie=alias it may share storage with another, which would then get both
-    layers' weights. (The alias sharing itself is not restored: the values are, the aliasing is not.)"""
-    h = model.transformer.h
+    """Rebuild Tied placeholders / fresh empty Blocks (on the model's device) so that a saved state
+    dict loads into them, then re-share the storages of --untie=alias pairs: a resumed alias run
+    trains the same algorithm. Never reuse a Block: it may share storage with another."""
+    h, alias = model.transformer.h, st.get("alias", [-1] * model.config.n_layer)  # older ckpts: no alias
     for i in range(model.config.n_layer):
         h[i] = empty_block(model.config, model.lm_head.weight) if st["own"][i] else Tied()
         h[i].requires_grad_(st["trains"][i])
+        if alias[i] >= 0:
+            for p, q in zip(h[i].parameters(), h[alias[i]].parameters()):
+                p.data = q.data  # as in GPT.untie(mode="alias")
     model.src = list(st["src"])
 
 # -----------------------------------------------------------------------------
@@ -562,8 +570,8 @@ class FixedAgent:
             return l - 1 if l % 2 else l
         if self.kind == "rev":  # l < L/2 trainable, l >= L/2 copies L-1-l (mirror, Cycle(rev))
             return l if l < L // 2 else L - 1 - l
-        if self.kind == "roundrobin":  # sweep k: layer l takes action k mod (l+1) (l = train)
-            return sweep % (l + 1)
+        if self.kind == "roundrobin":  # official (commented out): the previous target + 1, wrapping to 0
+            return src[l] + 1 if src[l] < l else 0
         return 0  # universal: every layer copies layer 0
         # EXERCISE: add a 'cycle' pattern (layer l copies l mod k, Takase & Kiyono's Cycle).
 
@@ -613,6 +621,8 @@ def batch_ce(model, x, y, ctx, fwd):
 def reward_from_ce(ce, cfg, ce_before=None, trainable_blocks=0):
     """ALGO LOGIC (D6). Returns (reward, saturated). negppl_clip10 = clip(-exp(CE), -10, 10):
     perplexity >= 1, so it saturates at -10 whenever the batch perplexity exceeds 10."""
+    if not math.isfinite(ce) or (ce_before is not None and not math.isfinite(ce_before)):
+        raise NonFiniteLoss(f"reward-batch CE is {ce}")  # a NaN would earn the top reward: min(10, nan) = 10
     if cfg.reward == "negppl_clip10":
         raw = -math.exp(min(ce, 50.0))
         r, sat = max(-cfg.reward_clip, min(cfg.reward_clip, raw)), abs(raw) > cfg.reward_clip
@@ -838,6 +848,7 @@ def train(cfg):
     summary = dict(  # parameters: the selected model; memory: the last training step (final_tie_map)
         agent=cfg.agent, val_ppl=val_ppl, test_ppl=test_ppl, selected_episode=sel["episode"],
         best_test_ppl_official=S["best_test_official"], n_layer=L, unique_layers=len(set(tm)),
+        unique_storages=len({model.transformer.h[r].ln_1.weight.data_ptr() for r in set(tm)}),  # < unique_layers: alias
         tie_map=tm, src=list(model.src), final_tie_map=final_map, total_params=model.num_params(),
         effective_params=model.num_params() - model.num_params(blocks_only=True) + L * per_block,
         trainable_params=model.num_params(True), trainable_block_params=model.num_params(True, True),
