@@ -27,7 +27,7 @@ OUT="${OUT:-out/gpu_check}"; DL="${1:-540}"; T0=$SECONDS
 ALONE="${2-tying_bench_c neuron_bench paper_none paper_random2}"
 SHARED="${3-abl_sequence abl_universal abl_roundrobin abl_random}"
 LAST="${4-}"
-mkdir -p "$OUT" out/logs
+rm -rf out/logs; mkdir -p "$OUT" out/logs; touch out/logs/jobs.txt  # a warm machine keeps out/: fresh logs
 
 cmd() {  # job name -> command line
   local P="--preset=paper --steps_per_action=1 --eval_max_batches=10"
@@ -54,20 +54,24 @@ job() {  # job NAME: run cmd NAME for at most the time left; log to out/logs/NAM
   local name=$1 t=$SECONDS lim; lim=$(left)
   if [ "$lim" -lt 20 ]; then echo "$name skipped (deadline)" >> out/logs/jobs.txt; return; fi
   [ "$name" = recursive_alone ] && [ -f out/recursive/summary.json ] && cp out/recursive/summary.json out/recursive/summary_shared.json
+  case $name in neuron|neuron_e100) wait "$PREP" 2>/dev/null ;; esac  # the CIFAR cache: never two writers
   timeout -k 5 "$lim" $(cmd "$name") > "out/logs/$name.txt" 2>&1
   echo "$name rc=$? wall=$((SECONDS - t))s start=$((t - T0))s :: $(cmd "$name")" | tee -a out/logs/jobs.txt
+  cp out/logs/jobs.txt "$OUT"/ 2>/dev/null  # something comes back even if the command itself is cut
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee out/logs/gpu.txt
 python -c "import torch; print('torch', torch.__version__)" | tee -a out/logs/gpu.txt
 
-# phase 1: timings, GPU alone (data prepared on the CPU meanwhile)
-python -c "import data; data.prepare_text('ptb', 'gpt2'); data.load_images('cifar10')" > out/logs/prep.txt 2>&1 &
+# phase 1: timings, GPU alone. The PTB cache is built first (seconds; a job that trains at once would
+# race it), the CIFAR cache on the CPU meanwhile
+python -c "import data; data.prepare_text('ptb', 'gpt2')" > out/logs/prep.txt 2>&1
+python -c "import data; data.load_images('cifar10')" >> out/logs/prep.txt 2>&1 &
 PREP=$!
 for j in $ALONE; do job "$j"; done
 wait $PREP
 
 # phase 2: concurrent runs; MPS lets their small kernels overlap (skipped if it does not start)
-if [ -n "$SHARED" ]; then
+if [ -n "$SHARED" ] && [ "$(left)" -ge 20 ]; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps; mkdir -p /tmp/mps
   if nvidia-cuda-mps-control -d 2>/dev/null && timeout 40 python -c "import torch; torch.ones(1, device='cuda')"; then
     echo "phase 2 under MPS" | tee -a out/logs/jobs.txt
@@ -78,7 +82,7 @@ if [ -n "$SHARED" ]; then
   export OMP_NUM_THREADS=2
   for j in $SHARED; do job "$j" & done
   wait
-  echo quit | nvidia-cuda-mps-control 2>/dev/null; unset CUDA_MPS_PIPE_DIRECTORY; sleep 2
+  echo quit | nvidia-cuda-mps-control 2>/dev/null; unset CUDA_MPS_PIPE_DIRECTORY OMP_NUM_THREADS; sleep 2
 fi
 
 # phase 3: alone again (recursive_alone reuses every stage phase 2 cached)
@@ -86,11 +90,17 @@ for j in $LAST; do job "$j"; done
 
 python - "$OUT" <<'EOF'
 import json, pathlib, sys
-res = {str(p): json.loads(p.read_text()) for n in ("summary.json", "summary_shared.json", "bench.json")
+def load(p):  # a job killed while writing its summary must not cost the others' results
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        return {"unreadable": str(e)}
+res = {str(p): load(p) for n in ("summary.json", "summary_shared.json", "bench.json")
        for p in sorted(pathlib.Path("out").rglob(n))}
 res["jobs"] = pathlib.Path("out/logs/jobs.txt").read_text().splitlines()
 pathlib.Path(sys.argv[1], "results.json").write_text(json.dumps(res, indent=1, default=str))
 EOF
 for f in out/logs/*.txt; do echo "=== $f"; tail -n 15 "$f"; done > "$OUT/log.txt"
-tar czf "$OUT/out.tgz" --exclude='*.pt' --exclude=gpu_check out
+find out -type f -size +20M > out/logs/big.lst  # e.g. a ckpt.pt.tmp left by a job cut mid-save
+tar czf "$OUT/out.tgz" --exclude='*.pt' --exclude='*.tmp' --exclude='*.part' --exclude=gpu_check -X out/logs/big.lst out
 ls -la "$OUT"; cat out/logs/jobs.txt
