@@ -12,7 +12,7 @@ Images (for neuron_path.py):
 Raw files live in data/<name>/. If they are there, nothing is downloaded: on an offline machine,
 copy the files in by hand (e.g. `mkdir -p data/ptb && cp ../shared/data/ptb/* data/ptb/`).
 A download goes to a .part file, is checked against the table below, and only then renamed.
-Tokenized splits are cached as data/<name>/{train,val,test}.bin (uint16) beside meta.json.
+Tokenized splits are cached as data/<name>/<tokenizer>/{train,val,test}.bin (uint16) beside meta.json.
 `python data.py ptb cifar10` prepares datasets ahead of time and prints a summary.
 """
 import gzip

@@ -16,7 +16,7 @@ L layers, m Riemann steps, K neurons kept per layer, nh heads, hs head size.
 
 Run:
   python neuron_path.py                                  # train (or reuse) the CIFAR-10 ViT, run everything
-  python neuron_path.py --preset=tiny --device=cpu       # about a minute on a CPU, small subset
+  python neuron_path.py --preset=tiny --device=cpu       # under a minute on a CPU, small subset
   python neuron_path.py --model=vit_b_16 --dataset=imagefolder:data/imagenette2-160.tgz --n_images=500
   python neuron_path.py --bench=True --model=vit_b_16 --weights=random   # path-search speed (GPU)
 Expected (H100): the target is >= 80% CIFAR-10 test accuracy and the whole default run (training plus
@@ -84,7 +84,7 @@ class Config:
     recheck: float = 0.005  # bf16 search: rescore in tf32 the rows whose top-2 gap < recheck x |top| (0 = off)
     # (a heuristic: a bf16 error larger than the margin can still flip a pick; --bench measures how often)
     # system
-    preset: str = ""  # '' | tiny (CPU, about a minute)
+    preset: str = ""  # '' | tiny (CPU, under a minute)
     device: str = "auto"  # auto | cuda | mps | cpu
     seed: int = 42
     compile: bool = False  # torch.compile the model for training; the bench compiles the attention modules

@@ -16,7 +16,7 @@ losses + training | evaluation and exits | CDB engine + simulator | study driver
 
 Run:
   python recursive.py                       # whole study on PTB, 12 -> 6 x 2, one GPU (<= 5 min target)
-  python recursive.py --preset=tiny --device=cpu    # ~1 minute CPU smoke run
+  python recursive.py --preset=tiny --device=cpu    # CPU smoke run, under a minute
   python recursive.py --init_from=gpt2 --n_loops=2  # start from GPT-2 124M (downloads 500 MB)
   python recursive.py --stage=study --runs=rec_stepwise,relaxed_average_r64
 Outputs in out/recursive/: config.json, log.jsonl, ckpt/*.pt (stage caches), summary.json, *.png.
@@ -89,7 +89,7 @@ class Config:
     eval_batch_size: int = 8
     log_interval: int = 50
     stage: str = "all"            # last stage to run: pretrain | study | early_exit | all (+ throughput)
-    preset: str = ""              # '' | tiny (CPU ~1 minute)
+    preset: str = ""              # '' | tiny (CPU, under a minute)
     device: str = "auto"          # auto | cpu | cuda | mps
     seed: int = 1337
     compile: bool = False         # torch.compile the training forward
