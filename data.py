@@ -25,6 +25,7 @@ import sys
 import tarfile
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,7 @@ def _check(path, url, checksum, final=None):  # final: where the file will live 
         return
     try:
         got = _digest(path, checksum)
-    except (OSError, EOFError) as e:  # e.g. a gz- checksum on a file that is not gzip
+    except (OSError, EOFError, zlib.error) as e:  # e.g. a gz- checksum on a file that is not (valid) gzip
         got = f"unreadable ({e})"
     if got != checksum.split(":")[1]:
         final = final or path  # a failed download is deleted: the message names where the file belongs
@@ -120,13 +121,16 @@ def fetch(name, fname, data_dir=DATA_DIR):
                 done += len(chunk)
                 print(f"\r  {done / 1e6:.1f} / {total / 1e6:.1f} MB", end="", flush=True)
         print()
+        if total and done != total:  # a dropped connection ends read() quietly: unpinned files need this
+            raise OSError(f"connection closed after {done} of {total} bytes")
         _check(tmp, url, checksum, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)  # never leave a partial or corrupt file behind
         if not isinstance(e, Exception) or isinstance(e, DataError):  # Ctrl-C, or already clear
             raise
+        hint = "or put the JPEG copy in data/cifar10-jpg/" if name == "cifar10" else f"e.g. from ../shared/data/{name}/"
         raise DataError(f"could not download {url} ({e}). Without network, place the file by hand at "
-                        f"{path} (e.g. copy it from ../shared/data/{name}/ or another machine).") from None
+                        f"{path} ({hint}).") from None
     if checksum is None:
         print(f"  note: no checksum pinned for {fname}; its sha256 is {_digest(tmp, 'sha256:')}")
     tmp.replace(path)
@@ -155,7 +159,8 @@ def _read_text_splits(dataset, data_dir):
         if not path.is_file():
             raise DataError(f"no such text file: {path}")
         raw = path.read_bytes()
-        text, folder = raw.decode("utf-8"), Path(data_dir) / f"text_{path.stem}"
+        key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]  # a/input.txt and b/input.txt differ
+        text, folder = raw.decode("utf-8"), Path(data_dir) / f"text_{path.stem}_{key}"
         a, b = int(0.9 * len(text)), int(0.95 * len(text))  # 90/5/5 split by characters
         return {"train": text[:a], "val": text[a:b], "test": text[b:]}, folder, \
             hashlib.sha256(raw).hexdigest(), "90/5/5 split"
@@ -173,8 +178,11 @@ def _read_text_splits(dataset, data_dir):
         if member is None:
             texts[split] = path.read_text(encoding="utf-8")
         else:
-            with zipfile.ZipFile(path) as z:
-                texts[split] = z.read(member).decode("utf-8")
+            try:
+                with zipfile.ZipFile(path) as z:
+                    texts[split] = z.read(member).decode("utf-8")
+            except (zipfile.BadZipFile, KeyError) as e:
+                raise DataError(f"{path} is not a complete {fname} ({e}): delete it and run again") from None
         h.update(texts[split].encode("utf-8"))
     return texts, Path(data_dir) / dataset, h.hexdigest(), "official splits"
 
@@ -281,12 +289,13 @@ def _read_image_folder(path, size=None):
     items = []  # (split, class, bytes)
     if path.is_dir():
         for f in sorted(path.glob("*/*/*")):
-            items.append((f.parts[-3], f.parts[-2], f.read_bytes()))
+            if f.is_file() and not f.name.startswith("."):  # no .DS_Store, no sub-folders
+                items.append((f.parts[-3], f.parts[-2], f.read_bytes()))
     else:
         with tarfile.open(path) as tar:
             for m in tar:
                 parts = m.name.strip("./").split("/")
-                if m.isfile() and len(parts) >= 3:
+                if m.isfile() and len(parts) >= 3 and not parts[-1].startswith("."):  # no macOS ._ files
                     items.append((parts[-3], parts[-2], tar.extractfile(m).read()))
     items = [it for it in items if it[0] in ("train", "test", "val")]
     classes = sorted({c for _, c, _ in items})  # an evaluation-only folder may hold just val/
@@ -311,7 +320,10 @@ def load_images(dataset="cifar10", data_dir=DATA_DIR, size=None):
         src = Path(dataset[12:]).expanduser()
         if not src.exists():
             raise DataError(f"no such image folder or archive: {src}")
-        key = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:8]  # two folders with one name differ
+        files = sorted(src.rglob("*")) if src.is_dir() else [src]  # the key changes when the images do
+        stamp = [(str(f.relative_to(src) if src.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns)
+                 for f in files if f.is_file()]
+        key = hashlib.sha1(json.dumps([str(src.resolve()), stamp]).encode()).hexdigest()[:8]
         cache = data_dir / f"imagefolder_{src.name.split('.')[0]}_{key}_{size or 'orig'}"
     elif dataset in ("cifar10", "mnist", "fashion_mnist"):
         jpg = data_dir / CIFAR_JPG[0]  # the offline JPEG copy gets its own cache: the real tarball replaces it

@@ -73,6 +73,9 @@ def test_data_bins_cached_per_tokenizer_and_rebuilt_when_incomplete(tmp_path, mo
         assert (folder / "val.bin").stat().st_size == 2 * meta["n_tokens"]["val"]
     src.write_text(TEXT + "more")  # and a changed source file rebuilds too
     assert sum(data.prepare_text(f"text:{src}", "char", tmp_path)["n_tokens"].values()) == len(TEXT) + 4
+    (o := tmp_path / "o" / "toy.txt").parent.mkdir(), o.write_text(TEXT[::-1])  # same file name, other folder
+    m1, m2 = [data.prepare_text(f"text:{f}", "char", tmp_path) for f in (src, o)]
+    assert m1["dir"] != m2["dir"] and data.load_split(m1, "train").tolist() != data.load_split(m2, "train").tolist()
 
 def test_data_get_batch_shapes_and_shift():
     arr = np.arange(1000, dtype=np.uint16)
@@ -96,7 +99,7 @@ def test_data_eval_iterator_visits_every_token_once(n, T, B):
     assert torch.cat(xs).tolist() == list(range(0, n - 1))
 
 class _FakeResponse(io.BytesIO):  # BytesIO is already a context manager
-    headers = {"Content-Length": "11"}
+    headers = property(lambda self: {"Content-Length": str(len(self.getvalue()))})
 
 def test_data_wrong_checksum_raises_and_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _FakeResponse(b"not the ptb"))
@@ -114,6 +117,10 @@ def test_data_right_checksum_is_renamed_into_place(tmp_path, monkeypatch):
     path = data.fetch("toy", "toy.txt", tmp_path)
     assert path.read_bytes() == body and sorted(p.name for p in path.parent.iterdir()) == ["toy.txt"]
     # present files are not downloaded again, but a corrupt one is refused
+    monkeypatch.setitem(data.SOURCES, "cut", {"c.zip": ("http://x", None)})  # unpinned: only the length can tell
+    monkeypatch.setattr(_FakeResponse, "headers", {"Content-Length": "99"})  # the connection drops at byte 10
+    pytest.raises(data.DataError, data.fetch, "cut", "c.zip", tmp_path).match("connection closed after 10 of 99")
+    assert not any((tmp_path / "cut").iterdir())
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded twice"))
     assert data.fetch("toy", "toy.txt", tmp_path) == path
     path.write_bytes(b"tampered")
@@ -122,10 +129,10 @@ def test_data_right_checksum_is_renamed_into_place(tmp_path, monkeypatch):
     monkeypatch.setitem(data.SOURCES, "toy", {"t.gz": ("http://x", "gz-md5:" + hashlib.md5(body).hexdigest())})
     for level, content, ok in ((9, body, True), (1, body, True), (9, b"hello dat4", False)):
         (tmp_path / "toy" / "t.gz").write_bytes(gzip.compress(content, compresslevel=level, mtime=level))
-        if ok:
-            assert data.fetch("toy", "t.gz", tmp_path).exists()
-        else:
+        assert data.fetch("toy", "t.gz", tmp_path).exists() if ok else \
             pytest.raises(data.DataError, data.fetch, "toy", "t.gz", tmp_path).match("checksum mismatch")
+    (tmp_path / "toy" / "t.gz").write_bytes(gzip.compress(body)[:10] + b"\xff" * 20)  # a broken deflate stream
+    pytest.raises(data.DataError, data.fetch, "toy", "t.gz", tmp_path).match("unreadable")
 
 def test_data_network_failure_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("x")))
@@ -178,6 +185,7 @@ def test_data_image_folder_reader(tmp_path, as_tar):
             (root / split / c).mkdir(parents=True)
             for i in range(n):
                 Image.new("RGB", (20, 12), rgb).save(root / split / c / f"{i}.png")
+    (root / "train" / "cat" / ".DS_Store").write_bytes(b"\0"), (root / "train" / "cat" / "sub").mkdir()  # skipped
     if as_tar:
         with tarfile.open(src := tmp_path / "imgs.tar.gz", "w:gz") as tar:
             tar.add(root, arcname=".")
@@ -192,6 +200,8 @@ def test_data_image_folder_reader(tmp_path, as_tar):
     other = tmp_path / "b" / "imgs"  # a folder of the same name elsewhere gets its own cache
     (other / "train" / "owl").mkdir(parents=True), Image.new("RGB", (8, 8)).save(other / "train" / "owl" / "0.png")
     assert data.load_images(f"imagefolder:{other}", tmp_path / "cache", size=8)["classes"] == ["owl"]
+    (other / "train" / "emu").mkdir(), Image.new("RGB", (8, 8)).save(other / "train" / "emu" / "0.png")
+    assert data.load_images(f"imagefolder:{other}", tmp_path / "cache", size=8)["classes"] == ["emu", "owl"]  # rebuilt
 
 # -----------------------------------------------------------------------------
 # the two GPT copies (TR.py and RR.py each hold their own, cleanrl style) stay in sync
@@ -211,8 +221,8 @@ def test_gpt_copies_in_tying_rl_and_recursive_agree():
 
 def _tying_model(L=4, tie_grad="detached", seed=0):
     torch.manual_seed(seed)
-    cfg = TR.GPTConfig(block_size=16, vocab_size=50, n_layer=L, n_head=2, n_embd=16, dropout=0.0)
-    return TR.GPT(cfg, tie_grad=tie_grad).eval()
+    return TR.GPT(TR.GPTConfig(block_size=16, vocab_size=50, n_layer=L, n_head=2, n_embd=16, dropout=0.0),
+                  tie_grad=tie_grad).eval()
 
 def _tying_manual(model, idx, blocks):
     """Reference forward: run the given Block objects in order, no tie logic at all."""
@@ -508,21 +518,17 @@ def test_recursive_full_rank_svd_recovers_original_and_rank0_is_plain():
     idx = torch.randint(0, 97, (2, 20))
     full = _rr_gpt(bias=False)  # tied norms equal (ones) and no biases: the whole model is recovered
     for init in ("average", "stepwise", "lower"):
-        m = RR.convert(full, 2, 2, init, lora_rank=10_000).eval()
-        assert torch.allclose(m(idx)[0], full(idx)[0], atol=1e-4)
+        assert torch.allclose(RR.convert(full, 2, 2, init, lora_rank=10_000).eval()(idx)[0], full(idx)[0], atol=1e-4)
     fb = _rr_gpt(bias=True)  # with biases tied, every depth's linear weight is still recovered exactly
     m = RR.convert(fb, 2, 2, "average", lora_rank=10_000)
     for d in range(4):
         lin, orig = m.transformer.h[d % 2].mlp.c_fc, fb.transformer.h[d].mlp.c_fc
         assert torch.allclose(lin.weight + lin.lora_B[d // 2] @ lin.lora_A[d // 2], orig.weight, atol=1e-5)
     plain = RR.convert(full, 2, 2, "stepwise", 0).eval()
-    zero = RR.convert(full, 2, 2, "stepwise", 8, "zero").eval()   # B = 0
-    assert torch.equal(plain(idx)[0], zero(idx)[0])
+    assert torch.equal(plain(idx)[0], RR.convert(full, 2, 2, "stepwise", 8, "zero").eval()(idx)[0])  # B = 0
     assert not any("lora" in k for k in plain.state_dict())
-    low = RR.convert(full, 2, 2, "average", 2).eval()   # a truncated rank is between the two
-    e_low = (low(idx)[0] - full(idx)[0]).abs().mean()
-    e_plain = (RR.convert(full, 2, 2, "average", 0).eval()(idx)[0] - full(idx)[0]).abs().mean()
-    assert e_low < e_plain
+    err = lambda r: (RR.convert(full, 2, 2, "average", r).eval()(idx)[0] - full(idx)[0]).abs().mean()
+    assert err(2) < err(0)  # a truncated rank is between the two
 
 def test_recursive_ranks_are_capped():
     lin = RR.LoRALinear(8, 24, True, n_loops=2, rank=100)
@@ -535,8 +541,7 @@ def test_recursive_lora_per_item_loop_matches_int_loop():
     lin = RR.LoRALinear(6, 10, True, n_loops=3, rank=4)
     torch.nn.init.normal_(lin.lora_B)
     x, loops = torch.randn(5, 2, 6), torch.tensor([0, 2, 1, 1, 0])
-    want = torch.cat([lin(x[i:i + 1], int(l)) for i, l in enumerate(loops)])
-    assert torch.allclose(lin(x, loops), want, atol=1e-6)
+    assert torch.allclose(lin(x, loops), torch.cat([lin(x[i:i + 1], int(l)) for i, l in enumerate(loops)]), atol=1e-6)
     assert not torch.allclose(lin(x, 0), lin(x, 1))
 
 def _rr_hf_layout(model):
@@ -556,8 +561,7 @@ def test_recursive_gpt2_mapping_on_synthetic_safetensors():
         header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
         blobs.append(b); off += len(b)
     h = json.dumps(header).encode()
-    raw = len(h).to_bytes(8, "little") + h + b"".join(blobs)
-    mapped = RR.gpt2_to_nanogpt(RR.parse_safetensors(raw))
+    mapped = RR.gpt2_to_nanogpt(RR.parse_safetensors(len(h).to_bytes(8, "little") + h + b"".join(blobs)))
     dst = _rr_gpt(seed=2)
     dst.load_state_dict(mapped)  # strict: every key in place, no mask buffers left
     idx = torch.randint(0, 97, (2, 16))
@@ -599,8 +603,7 @@ def test_recursive_early_exit_loss_weights():
     loss.backward()
     g2 = torch.autograd.grad(ce(l2), l2)[0]   # the last loop gets weight 1 and no gradient from the KD target
     assert torch.allclose(l2.grad, g2, atol=1e-6)
-    g1 = torch.autograd.grad(0.1 * (ce(l1) + RR.kd_loss(l1, l2.detach())), l1)[0]
-    assert torch.allclose(l1.grad, g1, atol=1e-6)
+    assert torch.allclose(l1.grad, torch.autograd.grad(0.1 * (ce(l1) + RR.kd_loss(l1, l2.detach())), l1)[0], atol=1e-6)
 
 def _rr_relaxed(seed=0):
     return (full := _rr_gpt(seed=seed)), RR.convert(full, 2, 2, "average", 4).eval()   # SVD-LoRA: the loops differ
@@ -625,8 +628,7 @@ def test_recursive_cdb_without_exits_is_greedy_decoding_and_refills():
     assert {b for b, t in sizes if t == 1} == {3, 1}  # decode steps never run a shrunken batch of 2
 
 def test_recursive_cdb_kv_cache_has_one_entry_per_depth():
-    full, rec = _rr_relaxed()
-    p, n = _rr_requests(1)[0]
+    (_, rec), (p, n) = _rr_relaxed(), _rr_requests(1)[0]
     res = RR.serve(rec, [(p, n)], 1, "cpu")
     seq = torch.cat([p, torch.tensor(res["tokens"][0][:-1])])[None]
     dense, x = [], rec.embed(seq)  # dense: K/V of a dense forward at each effective depth d = loop * K + k
@@ -687,8 +689,7 @@ def test_recursive_simulator_planted_schedules():
     assert RR.simulate(L, None, {1: 1.0, 2: 3.0}, 2, "static", 1) == (8 / 15, 7)  # 4 steps at t(2), 3 at t(1)
     assert RR.simulate(L, None, t, 2, "csb", 1) == (8 / 4, 4)      # slot of request 0 refilled at once
     assert RR.simulate(L, None, t, 2, "cdb", 2) == (8 / 8, 8)      # no exits: 2 loops per token
-    ones = [[1] * n for n in L]
-    assert RR.simulate(L, ones, t, 2, "cdb", 2) == (8 / 4, 4)
+    assert RR.simulate(L, [[1] * n for n in L], t, 2, "cdb", 2) == (8 / 4, 4)  # every token exits after loop 1
     mixed = [[2], [1, 1, 1, 1], [2, 1, 1]]
     assert RR.simulate(L, mixed, t, 2, "ee_sync", 2)[1] == 7 and RR.simulate(L, mixed, t, 2, "ee_sync", 2)[0] == 8 / 9
 
@@ -970,8 +971,7 @@ def test_neuron_main_tiny_writes_summary_and_paths(tmp_path, monkeypatch):
     model.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"])
     (Xte, Yte), i, greedy = _neuron_fake_images("cifar10")["test"], recs[0]["index"], recs[0]["methods"]["greedy"]
     x, y = NP.normalise(Xte[i:i + 1], cfg), Yte[i:i + 1]
-    path = NP.to_masks(torch.tensor(greedy["path"]).view(1, 2, 1), 64)
-    s = NP.jas(model, x, y, NP.clean_acts(model, x)[1], path, cfg)
+    s = NP.jas(model, x, y, NP.clean_acts(model, x)[1], NP.to_masks(torch.tensor(greedy["path"]).view(1, 2, 1), 64), cfg)
     assert abs(s.item() - greedy["jas"]) < 1e-5 * max(1, abs(s.item()))
     assert NP.main(cfg)["clean_acc"] == summary["clean_acc"]  # the second run reuses the checkpoint
     for kw in (dict(n_layer=1), dict(epochs=2), dict(dropout=0.1)):  # another shape or recipe in the same out_dir: retrain, no crash
