@@ -144,7 +144,11 @@ def get_tokenizer(name, meta=None):
     if name == "gpt2":
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(DATA_DIR / "tiktoken"))
         import tiktoken
-        enc = tiktoken.get_encoding("gpt2")
+        try:
+            enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # offline and no cached BPE files
+            raise DataError(f"cannot load the GPT-2 BPE ({type(e).__name__}): put its files in TIKTOKEN_CACHE_DIR="
+                            f"{os.environ['TIKTOKEN_CACHE_DIR']} (e.g. from ../shared/data/tiktoken/)") from None
         return enc.encode_ordinary, enc.decode
     if name == "char":
         chars = meta["chars"]
@@ -159,6 +163,8 @@ def _read_text_splits(dataset, data_dir):
         if not path.is_file():
             raise DataError(f"no such text file: {path}")
         raw = path.read_bytes()
+        if len(raw) < 100:  # 5% of it must still hold a few characters for val and for test
+            raise DataError(f"{path} is too short ({len(raw)} bytes) for a 90/5/5 split")
         key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]  # a/input.txt and b/input.txt differ
         text, folder = raw.decode("utf-8"), Path(data_dir) / f"text_{path.stem}_{key}"
         a, b = int(0.9 * len(text)), int(0.95 * len(text))  # 90/5/5 split by characters

