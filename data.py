@@ -326,9 +326,8 @@ def load_images(dataset="cifar10", data_dir=DATA_DIR, size=None):
         src = Path(dataset[12:]).expanduser()
         if not src.exists():
             raise DataError(f"no such image folder or archive: {src}")
-        files = sorted(src.rglob("*")) if src.is_dir() else [src]  # the key changes when the images do
-        stamp = [(str(f.relative_to(src) if src.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns)
-                 for f in files if f.is_file()]
+        files = [f for f in (sorted(src.rglob("*")) if src.is_dir() else [src]) if f.is_file()]
+        stamp = [(str(f), (st := f.stat()).st_size, st.st_mtime_ns) for f in files]  # changes when the images do
         key = hashlib.sha1(json.dumps([str(src.resolve()), stamp]).encode()).hexdigest()[:8]
         cache = data_dir / f"imagefolder_{src.name.split('.')[0]}_{key}_{size or 'orig'}"
     elif dataset in ("cifar10", "mnist", "fashion_mnist"):

@@ -543,12 +543,12 @@ def calibrate_tau(maxp, agree, target):
 
 def exit_stats(res, exits):
     """Exit rate, mean exit loop, histogram, agreement and perplexity of a per-token exit choice."""
-    ar, R = torch.arange(exits.numel()), res["agree"].shape[0]
+    R, agree = res["agree"].shape[0], res["agree"].gather(0, exits[None] - 1)[0].float()  # (n,) at each exit loop
     return {"exit_rate": (exits < R).float().mean().item(), "mean_exit_loop": exits.float().mean().item(),
             "hist": torch.bincount(exits - 1, minlength=R).tolist(),
-            "agreement": res["agree"][exits - 1, ar].float().mean().item(),  # of all tokens (those at loop R agree)
-            "agreement_of_exits": res["agree"][exits - 1, ar][exits < R].float().mean().nan_to_num(1.0).item(),
-            "ppl": math.exp(res["nll"][exits - 1, ar].mean().item())}
+            "agreement": agree.mean().item(),  # of all tokens (those at loop R agree)
+            "agreement_of_exits": agree[exits < R].mean().nan_to_num(1.0).item(),
+            "ppl": math.exp(res["nll"].gather(0, exits[None] - 1).mean().item())}
 
 # -----------------------------------------------------------------------------
 # serving: a real batched greedy-decoding engine (static / continuous / depth-wise) + the paper's simulator
