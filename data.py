@@ -1,5 +1,5 @@
 """
-The one tiny shared data loader: download, checksum, cache, tokenize, batch (text and images).
+The one data loader of the three scripts: download, checksum, cache, tokenize, batch (text and images).
 
 Text (for tying_rl.py and recursive.py):
     meta = prepare_text("ptb", tokenizer="gpt2")   # ptb | wikitext2 | wikitext103 | shakespeare | text:PATH
@@ -9,10 +9,13 @@ Images (for neuron_path.py):
     ds = load_images("cifar10")   # cifar10 | mnist | fashion_mnist | imagefolder:PATH
     x, y = ds["train"]            # uint8 (N, C, H, W), int64 (N,); ds["classes"] = names
 
-Raw files live in data/<name>/. If they are there, nothing is downloaded: on an offline machine,
-copy the files in by hand (e.g. `mkdir -p data/ptb && cp ../shared/data/ptb/* data/ptb/`).
-A download goes to a .part file, is checked against the table below, and only then renamed.
-Tokenized splits are cached as data/<name>/<tokenizer>/{train,val,test}.bin (uint16) beside meta.json.
+Raw files live in data/<name>/ under the names of SOURCES below. If they are there, nothing is
+downloaded: on an offline machine, copy them in by hand (e.g. `mkdir -p data/ptb && cp
+/path/to/ptb.*.txt data/ptb/`). A download goes to a .part file, is checked against SOURCES, and only
+then renamed. Tokenized splits are cached as data/<name>/<tokenizer>/{train,val,test}.bin (uint16)
+beside meta.json; decoded images as data/<name>/cache_<size>/*.npy. Any other image set, e.g. a
+JPEG copy of CIFAR-10, loads as imagefolder:PATH (a folder or .tar.gz of train/<class>/*, test/<class>/*).
+The GPT-2 BPE comes from tiktoken, cached in TIKTOKEN_CACHE_DIR (default data/tiktoken/; README, "Data").
 `python data.py ptb cifar10` prepares datasets ahead of time and prints a summary.
 """
 import gzip
@@ -71,9 +74,6 @@ TEXT_SPLITS = {
               for sp, f in [("train", "train"), ("val", "valid"), ("test", "test")]}
        for name, v in [("wikitext2", "2"), ("wikitext103", "103")]},
 }
-# the JPEG copy of CIFAR-10 in ../shared/data, used when the python tarball is absent (offline)
-CIFAR_JPG = ("cifar10-jpg/cifar10-jpg-q75.tar.gz",
-             "sha256:097287809041e0a666355dfce11470ba1b3f2631fe910d8793c716253f10b297")
 
 class DataError(RuntimeError):
     """One clear message about a file that is missing, unreachable or corrupt."""
@@ -128,9 +128,9 @@ def fetch(name, fname, data_dir=DATA_DIR):
         tmp.unlink(missing_ok=True)  # never leave a partial or corrupt file behind
         if not isinstance(e, Exception) or isinstance(e, DataError):  # Ctrl-C, or already clear
             raise
-        hint = "or put the JPEG copy in data/cifar10-jpg/" if name == "cifar10" else f"e.g. from ../shared/data/{name}/"
+        hint = "; or load another copy of the images as imagefolder:PATH" if name == "cifar10" else ""
         raise DataError(f"could not download {url} ({e}). Without network, place the file by hand at "
-                        f"{path} ({hint}).") from None
+                        f"{path}{hint}.") from None
     if checksum is None:
         print(f"  note: no checksum pinned for {fname}; its sha256 is {_digest(tmp, 'sha256:')}")
     tmp.replace(path)
@@ -147,8 +147,8 @@ def get_tokenizer(name, meta=None):
         try:
             enc = tiktoken.get_encoding("gpt2")
         except Exception as e:  # offline and no cached BPE files
-            raise DataError(f"cannot load the GPT-2 BPE ({type(e).__name__}): put its files in TIKTOKEN_CACHE_DIR="
-                            f"{os.environ['TIKTOKEN_CACHE_DIR']} (e.g. from ../shared/data/tiktoken/)") from None
+            raise DataError(f"cannot load the GPT-2 BPE ({type(e).__name__}): put tiktoken's cached gpt2 files "
+                            f"in TIKTOKEN_CACHE_DIR={os.environ['TIKTOKEN_CACHE_DIR']} (README.md, \"Data\")") from None
         return enc.encode_ordinary, enc.decode
     if name == "char":
         chars = meta["chars"]
@@ -331,19 +331,12 @@ def load_images(dataset="cifar10", data_dir=DATA_DIR, size=None):
         key = hashlib.sha1(json.dumps([str(src.resolve()), stamp]).encode()).hexdigest()[:8]
         cache = data_dir / f"imagefolder_{src.name.split('.')[0]}_{key}_{size or 'orig'}"
     elif dataset in ("cifar10", "mnist", "fashion_mnist"):
-        jpg = data_dir / CIFAR_JPG[0]  # the offline JPEG copy gets its own cache: the real tarball replaces it
-        use_jpg = dataset == "cifar10" and not (data_dir / "cifar10" / "cifar-10-python.tar.gz").exists() and jpg.exists()
-        cache = data_dir / dataset / f"cache{'_jpg' if use_jpg else ''}_{size or 'orig'}"
+        cache = data_dir / dataset / f"cache_{size or 'orig'}"
     else:
         raise DataError(f"unknown image dataset {dataset!r}: use cifar10, mnist, fashion_mnist or imagefolder:PATH")
     if not (cache / "classes.json").exists():
         if dataset == "cifar10":
-            if use_jpg:
-                print(f"using the JPEG copy of CIFAR-10 at {jpg}")  # offline fallback, not bit-exact
-                _check(jpg, str(jpg), CIFAR_JPG[1])
-                d = _read_image_folder(jpg, size)
-            else:
-                d = _read_cifar_tar(fetch("cifar10", "cifar-10-python.tar.gz", data_dir))
+            d = _read_cifar_tar(fetch("cifar10", "cifar-10-python.tar.gz", data_dir))
         elif dataset.startswith("imagefolder:"):
             d = _read_image_folder(src, size)
         else:  # mnist / fashion_mnist

@@ -18,18 +18,23 @@ import neuron_path as NP
 import recursive as RR
 import tying_rl as TR
 
-SHARED_TIKTOKEN = Path(__file__).resolve().parent.parent / "shared" / "data" / "tiktoken"
-if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN.is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_TIKTOKEN)
-
 @pytest.fixture(autouse=True)
 def _seed():  # every test starts from the same RNG state, whatever ran before it (or -k selects)
     torch.manual_seed(0)
 
+# The GPT-2 BPE comes only from tiktoken's cache, never the network: TIKTOKEN_CACHE_DIR, which
+# data.py defaults to data/tiktoken/ (README, "Data").
+GPT2_BPE_FILES = ("6d1cbeee0f20b3d9449abfede4726ed8212e3aee",  # sha1 of the vocab.bpe URL
+                  "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6")  # sha1 of the encoder.json URL
+GPT2_SKIP = "GPT-2 BPE files not in TIKTOKEN_CACHE_DIR (default data/tiktoken/): see README, Data"
+
 def gpt2_available():
+    folder = Path(os.environ.get("TIKTOKEN_CACHE_DIR", data.DATA_DIR / "tiktoken"))
+    if not all((folder / f).is_file() for f in GPT2_BPE_FILES):
+        return False  # tiktoken would try to download them
     try:
         return data.get_tokenizer("gpt2")[0]("hi") is not None
-    except Exception:  # no cached BPE files and no network
+    except Exception:  # damaged files
         return False
 
 # -----------------------------------------------------------------------------
@@ -46,7 +51,7 @@ def test_data_char_tokenizer_round_trip(tmp_path):
     for split, text in (("train", TEXT[:a]), ("val", TEXT[a:b]), ("test", TEXT[b:])):
         assert data.load_split(meta, split).tolist() == enc(text)
 
-@pytest.mark.skipif(not gpt2_available(), reason="GPT-2 BPE files not reachable")
+@pytest.mark.skipif(not gpt2_available(), reason=GPT2_SKIP)
 def test_data_gpt2_tokenizer_round_trip_and_known_ids():
     enc, dec = data.get_tokenizer("gpt2")
     assert enc("hello world") == [31373, 995] and dec(enc(TEXT)) == TEXT
@@ -206,6 +211,25 @@ def test_data_image_folder_reader(tmp_path, as_tar):
     assert data.load_images(f"imagefolder:{other}", tmp_path / "cache", size=8)["classes"] == ["owl"]
     (other / "train" / "emu").mkdir(), Image.new("RGB", (8, 8)).save(other / "train" / "emu" / "0.png")
     assert data.load_images(f"imagefolder:{other}", tmp_path / "cache", size=8)["classes"] == ["emu", "owl"]  # rebuilt
+
+def test_data_offline_cifar10_names_the_tarball_and_a_jpeg_copy_loads_as_imagefolder(tmp_path, monkeypatch):
+    from PIL import Image
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    root = tmp_path / "jpg"
+    for split in ("train", "test"):
+        for i, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True)
+            Image.new("RGB", (32, 32), (25 * i, 0, 0)).save(root / split / c / "0000.jpg", quality=75)
+    (tgz := tmp_path / "data" / "cifar10-jpg" / "cifar10-jpg-q75.tar.gz").parent.mkdir(parents=True)
+    with tarfile.open(tgz, "w:gz") as tar:
+        tar.add(root, arcname=".")
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("x")))
+    msg = str(pytest.raises(data.DataError, data.load_images, "cifar10", tmp_path / "data").value)  # no fallback
+    assert str(tmp_path / "data" / "cifar10" / "cifar-10-python.tar.gz") in msg and "imagefolder:PATH" in msg
+    ds = data.load_images(f"imagefolder:{tgz}", tmp_path / "data", size=32)  # the documented offline route
+    x, y = ds["test"]
+    assert ds["classes"] == classes and x.shape == (10, 3, 32, 32)  # sorted folder names = CIFAR-10's order
+    assert all(abs(img[0].float().mean().item() - 25 * label) < 3 for img, label in zip(x, y.tolist()))
 
 # -----------------------------------------------------------------------------
 # the two GPT copies (TR.py and RR.py each hold their own, cleanrl style) stay in sync
