@@ -4,7 +4,7 @@ layer-progressive path search, four baselines and the paper's four evaluations, 
 
 Paper: "Discovering Influential Neuron Path in Vision Transformers", Wang et al., ICLR 2025,
 arXiv 2503.09046 (https://arxiv.org/abs/2503.09046). Official code: foundation-model-research/
-NeuronPath @ 5f93d0b. The arithmetic follows the official code (docs/neuron_path.md, "Paper to code"):
+NeuronPath @ 5f93d0b. The arithmetic follows the official code (docs/neuron_path.md):
   neuron = one post-GELU MLP hidden unit of one block, at the CLS token (row 0);
   path   = one neuron per layer (an L-tuple), found greedily, layer by layer (Alg. 1);
   JAS    = integrated gradients of p(true class) along a joint scaling of the chosen neurons
@@ -88,7 +88,7 @@ class Config:
     # system
     preset: str = ""  # '' | tiny (CPU, about a minute) | mnist_cpu (CPU, ~15 min, docs results)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    threads: int = 0  # CPU threads for torch (0 = torch's default, one per core)
+    threads: int = 0  # CPU threads for torch; 0 = 1 (fastest for the small presets, see docs)
     seed: int = 42
     compile: bool = False  # torch.compile the model for training; the bench compiles attention
     bench: bool = False  # only time the path search on random images and exit
@@ -129,10 +129,10 @@ def parse_config(argv=None):
     """--key=value flags from the dataclass fields; a preset fills fields not given explicitly."""
     p = ArgError(description="Influential neuron paths in ViTs (Wang et al., ICLR 2025)")
     src = inspect.getsource(Config)
-    notes = dict(re.findall(r"^    (\w+): .*?  # (.*)$", src, re.M))  # the field comments
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", src, re.M))  # the field comments
     for f in fields(Config):
         typ = parse_bool if f.type in (bool, "bool") else type(f.default)
-        help_ = f"{notes.get(f.name, '')} (default {f.default!r})"
+        help_ = f"{comments.get(f.name, '')} (default {f.default!r})"
         p.add_argument(f"--{f.name}", type=typ, default=None, help=help_)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     return make_config(**args)
@@ -151,7 +151,8 @@ def make_config(**kw):
     if not base.get("image_size"):
         base["image_size"] = DATA_SIZE.get(name, 32)
     if not base.get("out_dir"):
-        tag = "bench" if base.get("bench") else re.sub(r"\W+", "_", name.split("/")[-1].split(".")[0])
+        stem = name.rstrip("/").split("/")[-1].split(".")[0]  # imagefolder:a/b.tgz -> b
+        tag = "bench" if base.get("bench") else re.sub(r"\W+", "_", stem)
         tag += f"_{base['preset']}" if base.get("preset") else ""
         base["out_dir"] = os.path.join("out", "neuron_path", tag)
     return Config(**base)
@@ -200,7 +201,8 @@ def parse_list(s, typ, flag):  # "1,5,10" -> [1, 5, 10]; a bad entry names the f
     try:
         out = [typ(v) for v in str(s).split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--{flag}={s!r} is not a comma-separated list of {typ.__name__}s") from None
+        raise ValueError(f"--{flag}={s!r} is not a comma-separated list of "
+                         f"{typ.__name__}s") from None
     if not out:
         raise ValueError(f"--{flag} is empty")
     return out
@@ -281,7 +283,7 @@ class MLP(nn.Module):
         # EXERCISE: the MAE-style neuron (a global-pool ViT): edit the same unit over all patch
         # tokens instead of the CLS row (docs/neuron_path.md, Exercises).
         if edit is not None:
-            # ALGO LOGIC: the method only replaces or edits the CLS row; patch rows stay as computed.
+            # ALGO LOGIC: the method only replaces or edits the CLS row; patch rows are computed.
             # Concatenation (not an in-place write) keeps autograd clean.
             h = torch.cat([edit(h[:, 0])[:, None], h[:, 1:]], dim=1)  # (B, T, H)
         return self.drop(self.c_proj(h)), h
@@ -1056,11 +1058,12 @@ def bad_images(src):
                  if f.is_file() and not f.name.startswith(".")]
     else:
         tar = tarfile.open(src)
-        items = [(m.name, lambda m=m: tar.extractfile(m).read()) for m in tar if m.isfile()
-                 and len(m.name.strip("./").split("/")) >= 3 and not m.name.split("/")[-1][0] == "."]
+        items = [(m.name, lambda m=m: tar.extractfile(m).read()) for m in tar
+                 if m.isfile() and not m.name.split("/")[-1].startswith(".")]
     bad = []
     for nm, read in items:
-        if nm.replace("\\", "/").strip("./").split("/")[-3] not in ("train", "test", "val"):
+        parts = nm.replace("\\", "/").strip("./").split("/")
+        if len(parts) < 3 or parts[-3] not in ("train", "test", "val"):
             continue
         try:
             Image.open(io.BytesIO(read())).convert("RGB")
@@ -1158,7 +1161,7 @@ def analyse(model, X, Y, cfg, stats, device, gen):
                 ratio[op][k].append((p_edit / p0).cpu())
                 correct_after[op][k].append((pred == y).float().cpu())
         dt = (time.time() - t_start) / (bi + 1)
-        jas_now = " ".join(f"{k} {scores[k][-1].mean():.2e}" for k in ("greedy", "ip", "activation"))
+        jas_now = " ".join(f"{k} {scores[k][-1].mean():.2e}" for k in METHODS[:3])
         print(f"paths {b[-1] + 1:5d}/{len(X)} | {1000 * (time.time() - t0) / len(b):.1f} ms/image"
               f" | JAS {jas_now} | eta {fmt_time(dt * (len(batches) - bi - 1))}")
     cat = lambda v: torch.cat(v).numpy()
@@ -1201,10 +1204,18 @@ def print_table(methods, closest):
     print("closest classes: " + ", ".join(f"{c['a']}-{c['b']} {c['cos']:.2f}" for c in closest[:3]))
 
 def main(cfg):
+    """Check the config and the device, then run (on a CPU with cfg.threads threads)."""
     check_config(cfg)
     device = get_device(cfg.device)  # an absent GPU fails here, before any data is read
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = torch.get_num_threads()
+    if device == "cpu":  # small models on a shared CPU: extra threads mostly wait for each other
+        torch.set_num_threads(cfg.threads or 1)
+    try:
+        return run(cfg, device)
+    finally:
+        torch.set_num_threads(threads)
+
+def run(cfg, device):
     print(f"device {device} | config {json.dumps(asdict(cfg))}")
     # weights, images and the old checkpoint come first: a bad input writes nothing
     sd = fetch_vit_b_16(cfg) if cfg.model == "vit_b_16" and cfg.weights != "random" else None
