@@ -153,7 +153,8 @@ def make_config(**kw):
     if not base.get("out_dir"):
         stem = name.rstrip("/").split("/")[-1].split(".")[0]  # imagefolder:a/b.tgz -> b
         tag = "bench" if base.get("bench") else re.sub(r"\W+", "_", stem)
-        tag += f"_{base['preset']}" if base.get("preset") else ""
+        preset = base.get("preset", "")
+        tag = preset if preset.startswith(tag) else f"{tag}_{preset}" if preset else tag
         base["out_dir"] = os.path.join("out", "neuron_path", tag)
     return Config(**base)
 
@@ -382,6 +383,7 @@ def fetch_vit_b_16(cfg):
                              "delete it and run again, or pass --weights=PATH") from None
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # torchvision's preprocessing
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))  # its training images
 
 def channel_stats(X, chunk=5000):
     """Per-channel mean and std (C,) of uint8 images (N, C, S, S), in [0, 1] units."""
@@ -650,6 +652,9 @@ def pruning_eval(model, X, Y, cfg, stats, device, gen, log, paths1=None):
     split, rows, last = fit_split(Y, cfg.fit_frac), [], fracs(cfg.prune_fracs)[-1]
     for K in ks(cfg.topk):
         t0 = time.time()
+        if K > 1 or paths1 is None:
+            n_fit = sum(len(f) for f, _ in split.values())
+            print(f"prune K={K:3d} | top-{K} paths of {n_fit} fit images, then pruning")
         keep = {"path": {}, "control": {}}  # kind -> class -> (L, K) neurons kept
         for c, (idx, _) in split.items():
             if K == 1 and paths1 is not None:
@@ -1096,7 +1101,11 @@ def load_data(cfg):
                                  ".com/fast-ai-imageclas/imagenette2-160.tgz there")
         name = f"imagefolder:{tgz}"
     size = cfg.image_size if name.startswith("imagefolder:") else None  # folders: resized
+    t0 = time.time()
+    print(f"loading {name} (a first run decodes the images and caches them in data/)")
     ds = load_images(name, size)
+    print(f"loaded {len(ds['train'][1])} training and {len(ds['test'][1])} test images "
+          f"in {time.time() - t0:.1f} s")
     cls = ds["classes"]
     if cfg.model == "vit_b_16":  # folder classes -> ImageNet indices
         if all(c in IMAGENETTE for c in cls):
@@ -1194,6 +1203,37 @@ def summarise(res, Y, ycls, n_class):
             methods[k][f"acc_dev_{op}"] = float(np.mean(per_class_mean(acc_change, ycls, n_class)))
     return methods, class_ratio
 
+def norm_stats(cfg, ds):
+    """Per-channel (mean, std) for normalise: ImageNet's for ViT-B/16, CIFAR-10's published
+    training-set values, else computed from the training images."""
+    if cfg.model == "vit_b_16":
+        stats = IMAGENET_STATS
+    elif data_name(cfg) == "cifar10":
+        stats = CIFAR10_STATS
+    else:
+        X_fit = ds["train"][0][:cfg.n_train] if cfg.n_train else ds["train"][0]
+        stats = tuple(t.tolist() for t in channel_stats(X_fit))
+    print("normalisation mean " + " ".join(f"{v:.4f}" for v in stats[0]) + " | std "
+          + " ".join(f"{v:.4f}" for v in stats[1]))
+    return stats
+
+def write_paths(path, res, sub, Y, ycls, classes):
+    """paths.jsonl: one record per analysed image, with every method's path and JAS."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            for i in range(len(sub)):
+                paths = {k: {"path": res["paths"][k][i].tolist(), "jas": float(res["jas"][k][i])}
+                         for k in METHODS}
+                rec = {"index": int(sub[i]), "label": int(Y[i]), "class": classes[ycls[i]],
+                       "p_orig": float(res["p_orig"][i]), "pred": int(res["pred_orig"][i]),
+                       "methods": paths}
+                f.write(json.dumps(rec) + "\n")
+    write_atomic(path, write)
+
+def save_npy(path, arr):
+    with open(path, "wb") as f:
+        np.save(f, arr)  # a file object: given a name, np.save would add .npy to it
+
 def print_table(methods, closest):
     cols = ("mean_jas", "zero_ratio_median", "double_ratio_median", "acc_dev_zero",
             "acc_dev_double")
@@ -1238,13 +1278,7 @@ def run(cfg, device):
     model.to(device)
     if cfg.bench:
         return bench(model, cfg, device)
-    if cfg.model == "vit_b_16":
-        stats = IMAGENET_STATS
-    else:  # per-channel statistics of the training images (CIFAR-10: 0.491 0.482 0.447 ...)
-        X_fit = ds["train"][0][:cfg.n_train] if cfg.n_train else ds["train"][0]
-        stats = tuple(t.tolist() for t in channel_stats(X_fit))
-    print("normalisation mean " + " ".join(f"{v:.4f}" for v in stats[0]) + " | std "
-          + " ".join(f"{v:.4f}" for v in stats[1]))
+    stats = norm_stats(cfg, ds)
     classes, n_class, history = ds["classes"], len(ds["classes"]), []
     if plan == "reuse":
         model.load_state_dict(ck["model"])
@@ -1252,8 +1286,8 @@ def run(cfg, device):
         print(f"reusing the trained model in {ckpt_path}")
     elif cfg.model == "vit_cifar":
         flip = data_name(cfg) != "mnist"  # a mirrored digit is another glyph (or none)
-        history = train_vit(model, ds, cfg, stats, device, log, ck if plan != "new" else None,
-                            key, flip)
+        ck = ck if plan in ("resume", "extend") else None
+        history = train_vit(model, ds, cfg, stats, device, log, ck, key, flip)
     set_seed(cfg.seed)  # the analysis starts from the same RNG state, trained or reused
     model.eval()
     for p in model.parameters():  # attribution needs gradients w.r.t. CLS rows only
@@ -1275,26 +1309,14 @@ def run(cfg, device):
     H, t_start = cfg.mlp_ratio * cfg.n_embd, time.time()
     res = analyse(model, X, Y, cfg, stats, device, gen)
     P, S = res["paths"], res["jas"]
-
-    def write_paths(tmp):  # one record per image
-        with open(tmp, "w") as f:
-            for i in range(len(X)):
-                rec = {"index": int(sub[i]), "label": int(Y[i]), "class": classes[ycls[i]],
-                       "p_orig": float(res["p_orig"][i]), "pred": int(res["pred_orig"][i]),
-                       "methods": {k: {"path": P[k][i].tolist(), "jas": float(S[k][i])}
-                                   for k in METHODS}}
-                f.write(json.dumps(rec) + "\n")
-    write_atomic(os.path.join(cfg.out_dir, "paths.jsonl"), write_paths)
+    write_paths(os.path.join(cfg.out_dir, "paths.jsonl"), res, sub, Y, ycls, classes)
     methods, class_ratio = summarise(res, Y.numpy(), ycls, n_class)
     # evaluation 3: class-level frequency matrices and their cosine similarity
     freq, sim = class_similarity(P["greedy"], ycls, n_class, H)
     off = [(sim[i, j], classes[i], classes[j]) for i in range(n_class)
            for j in range(i + 1, n_class)]
     closest = [dict(a=a, b=b, cos=float(s)) for s, a, b in sorted(off, reverse=True)[:5]]
-    def write_freq(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, freq)  # a file object: np.save would add .npy to the .tmp name
-    write_atomic(os.path.join(cfg.out_dir, "class_freq.npy"), write_freq)
+    write_atomic(os.path.join(cfg.out_dir, "class_freq.npy"), lambda tmp: save_npy(tmp, freq))
     b = np.arange(min(len(X), cfg.path_batch))  # the whole-layer trick against exact scores
     print(f"checking the whole-layer trick against exact scores on {len(b)} images")
     x_b = normalise(X[b].to(device), stats)

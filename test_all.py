@@ -1014,7 +1014,7 @@ def test_neuron_main_tiny_writes_summary_and_paths(tmp_path, monkeypatch):
     model.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"])
     fake = _neuron_fake_images("cifar10")
     (Xte, Yte), i, greedy = fake["test"], recs[0]["index"], recs[0]["methods"]["greedy"]
-    x, y = NP.normalise(Xte[i:i + 1], NP.channel_stats(fake["train"][0])), Yte[i:i + 1]
+    x, y = NP.normalise(Xte[i:i + 1], NP.CIFAR10_STATS), Yte[i:i + 1]
     path = NP.to_masks(torch.tensor(greedy["path"]).view(1, 2, 1), 64)
     s = NP.jas(model, x, y, NP.clean_acts(model, x)[1], path, cfg)
     assert abs(s.item() - greedy["jas"]) < 1e-5 * max(1, abs(s.item()))
