@@ -885,7 +885,8 @@ def save_plots(res, summ, cfg, classes, X_show, history):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    out, tag = cfg.out_dir, f"{cfg.model}, {len(res['y'])} test images, m={cfg.m}, {cfg.jas_form}"
+    out = cfg.out_dir
+    tag = f"{cfg.model} on {data_name(cfg)}, {len(res['y'])} test images, m={cfg.m}, {cfg.jas_form}"
     paths, ticks = [], (range(1, len(METHODS) + 1), METHODS)
 
     def save(fig, name):
@@ -912,9 +913,8 @@ def save_plots(res, summ, cfg, classes, X_show, history):
             ax.boxplot([summ["class_ratio"][which][op][k] for k in METHODS], showfliers=False)
             ax.set_xticks(*ticks)
             ax.axhline(1, color="gray", lw=0.5)
-            ax.set(ylabel="p_edit / p_orig (class means)",
-                   title=f"{op} the path at CLS, all layers ({which} images)")
-    fig.suptitle(tag, fontsize=9)
+            ax.set(ylabel="p_edit / p_orig (class means)", title=f"{op} the path ({which} images)")
+    fig.suptitle(f"path neurons edited at CLS in every layer\n{tag}", fontsize=9)
     save(fig, "edit_box.png")
     fig, ax = plt.subplots(figsize=(5.5, 4.5))  # evaluation 3: class similarity
     im = ax.imshow(summ["sim"], cmap="viridis")
