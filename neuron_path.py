@@ -16,7 +16,7 @@ L layers, m Riemann steps, K neurons kept per layer, nh heads, hs head size.
 
 Run:
   python neuron_path.py                                  # CIFAR-10 ViT: train (or reuse), analyse
-  python neuron_path.py --preset=tiny --device=cpu       # about a minute on two CPU cores
+  python neuron_path.py --preset=tiny --device=cpu       # about a minute on a CPU
   python neuron_path.py --dataset=mnist --preset=tiny --device=cpu     # the same on MNIST
   python neuron_path.py --preset=mnist_cpu --device=cpu  # MNIST results of docs/neuron_path.md
   python neuron_path.py --model=vit_b_16 --dataset=imagefolder:data/imagenette2-160.tgz
@@ -86,7 +86,7 @@ class Config:
     precision: str = "fp32"  # attribution numerics: fp32 | tf32 | bf16 (autocast)
     recheck: float = 0.005  # bf16: rescore rows whose top gap < recheck x |top| in tf32 (0 = off)
     # system
-    preset: str = ""  # '' | tiny (CPU, about a minute) | mnist_cpu (CPU, ~15 min, docs results)
+    preset: str = ""  # '' | tiny (CPU, about a minute) | mnist_cpu (CPU, about 20 min; docs)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     threads: int = 0  # CPU threads for torch; 0 = 1 (fastest for the small presets, see docs)
     seed: int = 42
@@ -650,6 +650,9 @@ def pruning_eval(model, X, Y, cfg, stats, device, gen, log, paths1=None):
     found for X (reused for K = 1). Returns rows of dicts."""
     L, H = cfg.n_layer, cfg.mlp_ratio * cfg.n_embd
     split, rows, last = fit_split(Y, cfg.fit_frac), [], fracs(cfg.prune_fracs)[-1]
+    if not split:
+        print("pruning skipped: no class has the 2 analysed images it needs (raise --n_images)")
+        return rows
     for K in ks(cfg.topk):
         t0 = time.time()
         if K > 1 or paths1 is None:
@@ -782,7 +785,7 @@ def read_ckpt(path):
         ck["model"], ck["config"], ck["extras"]["epoch"], ck["extras"]["rng"]  # all present
         return ck
     except Exception as e:
-        raise data.DataError(f"{path} is damaged or not a checkpoint of this script "
+        raise data.DataError(f"{path} is damaged or not a checkpoint of this version "
                              f"({type(e).__name__}): delete it, or pass --retrain=True to train "
                              "from scratch over it") from None
 
@@ -910,7 +913,8 @@ def save_plots(res, summ, cfg, classes, X_show, history):
     fig, axs = plt.subplots(2, 2, figsize=(9, 6.5), squeeze=False)
     for row, which in enumerate(("all", "correct")):
         for ax, op in zip(axs[row], EDITS):
-            ax.boxplot([summ["class_ratio"][which][op][k] for k in METHODS], showfliers=False)
+            v = [summ["class_ratio"][which][op][k] for k in METHODS]
+            ax.boxplot([r if len(r) else [np.nan] for r in v], showfliers=False)  # none correct
             ax.set_xticks(*ticks)
             ax.axhline(1, color="gray", lw=0.5)
             ax.set(ylabel="p_edit / p_orig (class means)", title=f"{op} the path ({which} images)")
