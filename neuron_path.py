@@ -854,6 +854,9 @@ def train_vit(model, ds, cfg, stats, device, log, ck=None, key="", flip=True):
             loss = F.cross_entropy(logits, Ytr[idx], label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if not math.isfinite(loss.item()):  # stop before the weights change
+                raise FloatingPointError(f"the training loss is {loss.item()} at step {step + 1}: "
+                                         f"the last good checkpoint is {ckpt_path}; lower --lr")
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
@@ -1363,7 +1366,7 @@ def cli(argv=None):
         cfg = parse_config(argv)
         main(cfg)
         return 0
-    except (ValueError, data.DataError) as e:  # bad input or missing files: one clear line
+    except (ValueError, data.DataError, FloatingPointError) as e:  # one clear line
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1124,6 +1124,18 @@ def test_neuron_checkpoint_is_atomic_damage_is_one_line_and_recipes_are_kept(tmp
     assert _neuron_cli(capsys, *args, "--retrain=True")[0] == 0  # not read: trained over it
     assert NP.read_ckpt(str(out / "ckpt.pt"))["extras"]["done"]
 
+def test_neuron_nan_loss_stops_before_the_weights_change(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "load_images", _neuron_fake_images)
+    calls, real_ce = [0], F.cross_entropy
+
+    def nan_in_epoch_2(*a, **k):  # 4 steps per epoch: the first loss of epoch 2 is NaN
+        calls[0] += 1
+        return real_ce(*a, **k) * (float("nan") if calls[0] == 5 else 1.0)
+    monkeypatch.setattr(NP.F, "cross_entropy", nan_in_epoch_2)
+    pytest.raises(FloatingPointError, NP.main, _neuron_tiny(tmp_path)).match("last good checkpoint")
+    ck = NP.read_ckpt(str(tmp_path / "ckpt.pt"))
+    assert ck["extras"]["epoch"] == 1 and all(v.isfinite().all() for v in ck["model"].values())
+
 def test_neuron_plan_covers_seed_and_data():
     cfg = NP.make_config(preset="tiny")
     ck = {"config": asdict(cfg), "extras": {"epoch": 3, "done": True, "data_key": "k"}}
