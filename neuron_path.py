@@ -395,7 +395,8 @@ def channel_stats(X, chunk=5000):
         s2 += (x * x).sum((0, 2, 3))
     n = len(X) * X.shape[2] * X.shape[3]
     mean = s / n
-    return mean.float(), (s2 / n - mean ** 2).sqrt().float()
+    std = (s2 / n - mean ** 2).clamp_min(0).sqrt()
+    return mean.float(), std.clamp_min(1 / 255).float()  # a constant channel: no division by 0
 
 def normalise(x, stats):
     """uint8 (B, C, S, S) -> float, per channel: (x / 255 - mean) / std, stats = (mean, std)."""

@@ -1188,8 +1188,8 @@ def test_neuron_image_folder_bad_file_is_named_and_damaged_cache_rebuilt(tmp_pat
     assert (cache / "train_x.npy").read_bytes() == good
     args += ["--epochs=1", "--n_layer=1", "--n_embd=16", "--n_head=2", "--patch_size=4", "--m=2",
              "--topk=1", "--prune_fracs=1.0", "--batch_size=3"]
-    rc, _ = _neuron_cli(capsys, *args[:3], *args[4:], "--n_images=6")  # RGB folder, end to end
-    assert rc == 0
+    rc, err = _neuron_cli(capsys, *args[:3], *args[4:], "--n_images=6")  # RGB folder, end to end
+    assert rc == 0, err
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["n_images"] == 6
 
 def test_neuron_command_line_error_is_one_line_exit_2(tmp_path):
