@@ -26,6 +26,7 @@ import os
 import pickle
 import sys
 import tarfile
+import time
 import urllib.request
 import zipfile
 import zlib
@@ -292,32 +293,57 @@ def _read_cifar_tar(path):
 def _read_image_folder(path, size=None):
     """train/<class>/* and test/<class>/* (or val/) in a folder or a .tar.gz, decoded with PIL."""
     from PIL import Image
-    items = []  # (split, class, bytes)
+    items = []  # (split, class, file name, bytes)
     if path.is_dir():
         for f in sorted(path.glob("*/*/*")):
             if f.is_file() and not f.name.startswith("."):  # no .DS_Store, no sub-folders
-                items.append((f.parts[-3], f.parts[-2], f.read_bytes()))
+                items.append((f.parts[-3], f.parts[-2], str(f), f.read_bytes()))
     else:
         with tarfile.open(path) as tar:
             for m in tar:
                 parts = m.name.strip("./").split("/")
                 if m.isfile() and len(parts) >= 3 and not parts[-1].startswith("."):  # no macOS ._ files
-                    items.append((parts[-3], parts[-2], tar.extractfile(m).read()))
+                    items.append((parts[-3], parts[-2], m.name, tar.extractfile(m).read()))
     items = [it for it in items if it[0] in ("train", "test", "val")]
-    classes = sorted({c for _, c, _ in items})  # an evaluation-only folder may hold just val/
+    classes = sorted({c for _, c, _, _ in items})  # an evaluation-only folder may hold just val/
     if not classes:
         raise DataError(f"{path} has no train/<class>/, test/<class>/ or val/<class>/ images")
     idx = {c: i for i, c in enumerate(classes)}
-    decode = lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("RGB").resize((size, size), Image.BILINEAR)
-                                  if size else Image.open(io.BytesIO(b)).convert("RGB"))
-    xs = [decode(b) for _, _, b in items]
+    xs, t_last = [], time.time()
+    for i, (_, _, name, b) in enumerate(items):
+        try:
+            img = Image.open(io.BytesIO(b)).convert("RGB")
+        except Exception as e:  # PIL's errors name no file
+            raise DataError(f"{name} in {path} is not an image PIL can read ({type(e).__name__}): "
+                            "remove it from the folder") from None
+        xs.append(np.asarray(img.resize((size, size), Image.BILINEAR) if size else img))
+        if time.time() - t_last > 5:
+            print(f"  decoded {i + 1}/{len(items)} images of {path}")
+            t_last = time.time()
     if len({x.shape for x in xs}) > 1:
         raise DataError(f"images in {path} differ in size: pass size= to resize them")
-    x, y = np.stack(xs).transpose(0, 3, 1, 2), np.array([idx[c] for _, c, _ in items])  # (N, C, H, W)
-    split = np.array(["train" if s == "train" else "test" for s, _, _ in items])  # val/ serves as test
+    x, y = np.stack(xs).transpose(0, 3, 1, 2), np.array([idx[c] for _, c, _, _ in items])  # (N, C, H, W)
+    split = np.array(["train" if s == "train" else "test" for s, _, _, _ in items])  # val/ serves as test
     perm = np.random.default_rng(0).permutation(len(items))  # a fixed shuffle: any prefix mixes classes,
     x, y, split = x[perm], y[perm], split[perm]                # as in CIFAR's own files
     return {"classes": classes, **{s: (x[split == s], y[split == s]) for s in ("train", "test")}}
+
+def _read_image_cache(cache):
+    """The cached arrays, or None when the cache is missing or damaged (then it is rebuilt)."""
+    if not (cache / "classes.json").exists():  # written last: marks a complete cache
+        return None
+    try:
+        out = {"classes": json.loads((cache / "classes.json").read_text())}
+        for s in ("train", "test"):
+            x, y = np.load(cache / f"{s}_x.npy"), np.load(cache / f"{s}_y.npy")
+            if x.ndim != 4 or len(x) != len(y):
+                raise ValueError(f"{s}_x holds {len(x)} images, {s}_y {len(y)} labels")
+            out[s] = (torch.from_numpy(x), torch.from_numpy(y))
+        return out
+    except (OSError, ValueError, EOFError) as e:  # a killed write, a cut copy
+        print(f"warning: the image cache {cache} is damaged ({e}); rebuilding it")
+        (cache / "classes.json").unlink()
+        return None
 
 def load_images(dataset="cifar10", data_dir=DATA_DIR, size=None):
     """{'train': (x uint8 (N, C, H, W), y int64 (N,)), 'test': (x, y), 'classes': [names]}."""
@@ -334,7 +360,8 @@ def load_images(dataset="cifar10", data_dir=DATA_DIR, size=None):
         cache = data_dir / dataset / f"cache_{size or 'orig'}"
     else:
         raise DataError(f"unknown image dataset {dataset!r}: use cifar10, mnist, fashion_mnist or imagefolder:PATH")
-    if not (cache / "classes.json").exists():
+    out = _read_image_cache(cache)
+    if out is None:
         if dataset == "cifar10":
             d = _read_cifar_tar(fetch("cifar10", "cifar-10-python.tar.gz", data_dir))
         elif dataset.startswith("imagefolder:"):
@@ -352,9 +379,7 @@ def load_images(dataset="cifar10", data_dir=DATA_DIR, size=None):
             np.save(cache / f"{s}_x.npy", np.ascontiguousarray(d[s][0], dtype=np.uint8))
             np.save(cache / f"{s}_y.npy", np.asarray(d[s][1], dtype=np.int64))
         (cache / "classes.json").write_text(json.dumps(d["classes"]))  # written last: marks a complete cache
-    out = {"classes": json.loads((cache / "classes.json").read_text())}
-    for s in ("train", "test"):
-        out[s] = (torch.from_numpy(np.load(cache / f"{s}_x.npy")), torch.from_numpy(np.load(cache / f"{s}_y.npy")))
+        out = _read_image_cache(cache)
     return out
 
 if __name__ == "__main__":

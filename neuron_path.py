@@ -1039,66 +1039,6 @@ def data_name(cfg):
         return "cifar10" if cfg.model == "vit_cifar" else "imagenette"
     return cfg.dataset
 
-def drop_damaged_caches(name):
-    """data.py trusts its .npy image caches once classes.json exists; a damaged cache (a killed
-    write, a cut copy) is found here and its marker removed, so that data.py rebuilds it."""
-    if name.startswith("imagefolder:"):
-        stem = os.path.basename(os.path.normpath(name[12:])).split(".")[0]
-        dirs = list(data.DATA_DIR.glob(f"imagefolder_{stem}_*"))
-    else:
-        dirs = list((data.DATA_DIR / name).glob("cache*"))
-    for d in dirs:
-        if not (d / "classes.json").exists():
-            continue
-        try:
-            json.loads((d / "classes.json").read_text())
-            for s in ("train", "test"):  # mmap: reads the headers and checks the file sizes
-                x = np.load(d / f"{s}_x.npy", mmap_mode="r")
-                y = np.load(d / f"{s}_y.npy", mmap_mode="r")
-                if x.ndim != 4 or len(x) != len(y):
-                    raise ValueError(f"{s}_x has {len(x)} images, {s}_y {len(y)} labels")
-        except (OSError, ValueError, EOFError) as e:
-            print(f"warning: the image cache {d} is damaged ({e}); rebuilding it")
-            (d / "classes.json").unlink()
-
-def bad_images(src):
-    """Names of the files under train/test/val of an image folder or archive PIL cannot decode."""
-    import io
-    import tarfile
-    from PIL import Image
-    if os.path.isdir(src):
-        items = [(str(f), f.read_bytes) for f in sorted(data.Path(src).glob("*/*/*"))
-                 if f.is_file() and not f.name.startswith(".")]
-    else:
-        tar = tarfile.open(src)
-        items = [(m.name, lambda m=m: tar.extractfile(m).read()) for m in tar
-                 if m.isfile() and not m.name.split("/")[-1].startswith(".")]
-    bad = []
-    for nm, read in items:
-        parts = nm.replace("\\", "/").strip("./").split("/")
-        if len(parts) < 3 or parts[-3] not in ("train", "test", "val"):
-            continue
-        try:
-            Image.open(io.BytesIO(read())).convert("RGB")
-        except Exception:
-            bad.append(nm)
-    return bad
-
-def load_images(name, size):
-    """data.load_images, with damaged caches rebuilt and an undecodable image named."""
-    drop_damaged_caches(name)
-    try:
-        return data.load_images(name, data_dir=data.DATA_DIR, size=size)
-    except OSError:  # PIL's errors do not name the file
-        if not name.startswith("imagefolder:"):
-            raise
-        bad = bad_images(os.path.expanduser(name[12:]))
-        if not bad:
-            raise
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise data.DataError(f"{bad[0]}{more} in {name[12:]} is not an image PIL can read: "
-                             "remove it from the folder") from None
-
 def load_data(cfg):
     """Images as uint8 (N, C, S, S) and labels in the model's label space; checked against cfg."""
     name = data_name(cfg)
@@ -1111,7 +1051,7 @@ def load_data(cfg):
     size = cfg.image_size if name.startswith("imagefolder:") else None  # folders: resized
     t0 = time.time()
     print(f"loading {name} (a first run decodes the images and caches them in data/)")
-    ds = load_images(name, size)
+    ds = data.load_images(name, data_dir=data.DATA_DIR, size=size)  # damaged caches rebuilt
     print(f"loaded {len(ds['train'][1])} training and {len(ds['test'][1])} test images "
           f"in {time.time() - t0:.1f} s")
     cls = ds["classes"]

@@ -1203,11 +1203,11 @@ def test_neuron_image_folder_bad_file_is_named_and_damaged_cache_rebuilt(tmp_pat
     rc, err = _neuron_cli(capsys, *args)
     assert rc == 2 and len(err) == 1 and "notes.txt" in err[0] and not (tmp_path / "o").exists()
     (root / "train" / "b" / "notes.txt").unlink()
-    ds = NP.load_images(f"imagefolder:{root}", 8)
+    ds = data.load_images(f"imagefolder:{root}", data.DATA_DIR, 8)
     cache = next((tmp_path / "data").glob("imagefolder_imgs_*"))
     good = (cache / "train_x.npy").read_bytes()
     (cache / "train_x.npy").write_bytes(good[:-50])  # truncated
-    ds2 = NP.load_images(f"imagefolder:{root}", 8)
+    ds2 = data.load_images(f"imagefolder:{root}", data.DATA_DIR, 8)
     assert "damaged" in capsys.readouterr().out and torch.equal(ds2["train"][0], ds["train"][0])
     assert (cache / "train_x.npy").read_bytes() == good
     args += ["--epochs=1", "--n_layer=1", "--n_embd=16", "--n_head=2", "--patch_size=4", "--m=2",

@@ -23,6 +23,7 @@
 #   cp ../shared/data/cifar10-jpg/* data/cifar10-jpg/
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TIKTOKEN_CACHE_DIR="${TIKTOKEN_CACHE_DIR:-$PWD/data/tiktoken}"
+CIFAR_JPG=data/cifar10-jpg/cifar10-jpg-q75.tar.gz
 OUT="${OUT:-out/gpu_check}"; DL="${1:-540}"; T0=$SECONDS
 ALONE="${2-tying_bench_c neuron_bench paper_none paper_random2}"
 SHARED="${3-abl_sequence abl_universal abl_roundrobin abl_random}"
@@ -44,8 +45,10 @@ cmd() {  # job name -> command line
     tying_none)     echo python tying_rl.py --agent=none --out_dir=out/tying_rl/none ;;
     abl_*)          echo nice python tying_rl.py --agent=${1#abl_} --episodes=10 --out_dir=out/tying_rl/$1 ;;
     recursive|recursive_alone) echo python recursive.py ;;
-    neuron)         echo python neuron_path.py ;;
-    neuron_e100)    echo python neuron_path.py --epochs=100 --out_dir=out/neuron_path_e100 ;;
+    # offline: CIFAR-10 from its JPEG copy (data/cifar10-jpg), one use of imagefolder:PATH
+    neuron)         echo python neuron_path.py --dataset=imagefolder:$CIFAR_JPG ;;
+    neuron_e100)    echo python neuron_path.py --dataset=imagefolder:$CIFAR_JPG --epochs=100 \
+                         --out_dir=out/neuron_path_e100 ;;
     *)              echo false unknown job "$1" ;;
   esac
 }
@@ -65,7 +68,7 @@ python -c "import torch; print('torch', torch.__version__)" | tee -a out/logs/gp
 # phase 1: timings, GPU alone. The PTB cache is built first (seconds; a job that trains at once would
 # race it), the CIFAR cache on the CPU meanwhile
 python -c "import data; data.prepare_text('ptb', 'gpt2')" > out/logs/prep.txt 2>&1
-python -c "import data; data.load_images('cifar10')" >> out/logs/prep.txt 2>&1 &
+python -c "import data; data.load_images('imagefolder:$CIFAR_JPG', size=32)" >> out/logs/prep.txt 2>&1 &
 PREP=$!
 for j in $ALONE; do job "$j"; done
 wait $PREP
