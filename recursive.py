@@ -23,7 +23,7 @@ Outputs in out/recursive/: config.json, log.jsonl, ckpt/*.pt (stage caches), sum
 Expected: the H100 study table and early exits are in the README (CDB throughput: not yet measured).
 Dimension letters: B batch, T time, C n_embd, nh heads, hs head size, R loops, r LoRA rank.
 """
-import argparse, hashlib, json, math, os, random, sys, time, urllib.request
+import argparse, hashlib, inspect, json, math, os, random, sys, time, urllib.request
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict, fields
@@ -39,6 +39,9 @@ import data  # the shared loader: prepare_text, load_split, get_batch, iter_eval
 # -----------------------------------------------------------------------------
 # config
 
+STUDY_RUNS = ("full,reduced_random,stepwise_noloop,rec_stepwise,rec_average,rec_lower,"
+              "relaxed_average_r16,relaxed_average_r64,relaxed_average_r128,relaxed_stepwise_r64")
+
 @dataclass
 class Config:
     # data
@@ -46,31 +49,30 @@ class Config:
     tokenizer: str = "gpt2"       # gpt2 (tiktoken) | char
     data_dir: str = ""            # '' = data.DATA_DIR (<repo>/data)
     # full model (init_from=gpt2 or a checkpoint path brings its own shape)
-    init_from: str = "pretrain"   # pretrain (train the N-layer model here, cached) | gpt2 | path/to/ckpt.pt
+    init_from: str = "pretrain"   # pretrain (train it here, cached) | gpt2[-medium|-large|-xl] | path/to/ckpt.pt
     n_layer: int = 12             # N, depth of the full model
-    n_head: int = 6
+    n_head: int = 6               # attention heads; n_embd must divide by it
     n_embd: int = 384             # C; 384 keeps the default study inside ~5 H100 minutes
     block_size: int = 256         # context length T
     dropout: float = 0.1          # PTB is small (~1.2M GPT-2 tokens): some dropout against overfitting
-    bias: bool = True
+    bias: bool = True             # biases in linear layers and LayerNorms (GPT-2 has them)
     # recursion / relaxation of the main model (early-exit trained, served by the CDB engine)
     n_loops: int = 2              # R (the paper's B); K = n_layer // n_loops shared blocks
     init: str = "stepwise"        # stepwise | average | lower | random
     lora_rank: int = 0            # 0 = plain recursive; each matrix's rank is capped at min(in, out)
     lora_init: str = "svd"        # svd (truncated SVD of the residual, Eq. 4-5) | zero (B = 0 ablation)
-    # the study: comma list of run names (grammar in parse_run)
-    runs: str = ("full,reduced_random,stepwise_noloop,rec_stepwise,rec_average,rec_lower,"
-                 "relaxed_average_r16,relaxed_average_r64,relaxed_average_r128,relaxed_stepwise_r64")
+    # the study
+    runs: str = STUDY_RUNS        # comma list of study rows (names: parse_run)
     # training
     batch_size: int = 16          # sequences per step (16 x 256 = 4096 tokens)
     pretrain_iters: int = 1200    # steps for init_from=pretrain (~4.9M tokens, ~4 PTB epochs)
-    pretrain_lr: float = 1e-3
+    pretrain_lr: float = 1e-3     # peak lr of the pretraining (same warmup / cosine)
     uptrain_iters: int = 300      # steps per study row: every row sees the same ~1.2M tokens
     lr: float = 3e-4              # uptraining peak lr (paper 2e-4 at a 2M-token batch)
     warmup_frac: float = 0.03     # warmup as a fraction of steps (paper ~2.8%)
     min_lr_frac: float = 0.1      # cosine floor as a fraction of the peak
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    weight_decay: float = 0.1     # AdamW, on matrices only
+    grad_clip: float = 1.0        # gradient-norm clip (0 = off)
     kd_weight: float = 0.5        # lambda in (1 - lambda) CE + lambda FKL(teacher || student)
     kd_temp: float = 1.0          # distillation temperature
     # early exit (post-training after uptraining, Sec. 3.7)
@@ -78,24 +80,25 @@ class Config:
     ee_weight: float = 0.1        # weight of each earlier loop's CE + self-distillation ("Agg 0.1 + KD")
     conf_agree: float = 0.95      # confidence exits: tau calibrated on val for this agreement with the last loop
     # serving (CDB engine vs static / continuous sequence batching)
-    n_requests: int = 128
+    n_requests: int = 128         # requests served (prompts from the test split)
     max_batch: int = 32           # slots
-    prompt_len: int = 32
+    prompt_len: int = 32          # prompt tokens per request
     gen_min: int = 16             # new tokens per request ~ uniform[gen_min, gen_max]
-    gen_max: int = 192
-    kv_fill: str = "propagate"    # exited tokens' KV at skipped depths: propagate (copy state up) | full (run the loops)
+    gen_max: int = 192            # prompt_len + gen_max <= block_size
+    kv_fill: str = "exact"        # exited tokens' KV at skipped depths: exact (run lazily) | propagate | full
+    bench_rounds: int = 5         # serving benchmark: interleaved rounds of every scheduler (median, range)
     # eval / system
     eval_tokens: int = 0          # cap per split for perplexity (0 = whole split)
-    eval_batch_size: int = 8
-    log_interval: int = 50
+    eval_batch_size: int = 8      # sequences per evaluation batch
+    log_interval: int = 50        # steps between progress lines
     stage: str = "all"            # last stage to run: pretrain | study | early_exit | all (+ throughput)
     preset: str = ""              # '' | tiny (CPU, under a minute)
     device: str = "auto"          # auto | cpu | cuda | mps
-    seed: int = 1337
+    seed: int = 1337              # every RNG; the same seed gives the same run on one machine
     compile: bool = False         # torch.compile the training forward
     peak_tflops: float = 0.0      # for MFU; 0 = look up the GPU name
-    out_dir: str = "out/recursive"
-    plot: bool = True
+    out_dir: str = "out/recursive"  # everything a run writes; ckpt/ holds the stage caches
+    plot: bool = True             # write the PNG plots
 
 TINY = dict(tokenizer="char", n_layer=4, n_head=2, n_embd=64, block_size=64, dropout=0.0, batch_size=8,
             pretrain_iters=60, uptrain_iters=12, ee_iters=8, eval_tokens=4096, eval_batch_size=8,
@@ -103,26 +106,57 @@ TINY = dict(tokenizer="char", n_layer=4, n_head=2, n_embd=64, block_size=64, dro
                  "relaxed_average_r8,relaxed_average_r32,relaxed_average_r64,relaxed_stepwise_r32",
             n_requests=8, max_batch=4, prompt_len=8, gen_min=4, gen_max=24, log_interval=20)
 INITS, STAGES = ("stepwise", "average", "lower", "random"), ("pretrain", "study", "early_exit", "all")
-GPT2_URL = "https://huggingface.co/openai-community/gpt2/resolve/main/model.safetensors"
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 # -----------------------------------------------------------------------------
 # utilities
 
+class UsageError(ValueError):
+    """A mistake the user can fix (a flag, a size, a file): main prints it as one `error:` line."""
+
+class ArgParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage + error lines -> one UsageError
+        raise UsageError(f"{message} (see --help)")
+
+def flag_help():
+    """{field: its comment in Config}: the --help text of every flag."""
+    lines = inspect.getsource(Config).splitlines()
+    return {ln.split(":")[0].strip(): ln.split("#", 1)[1].strip() for ln in lines if "#" in ln and ":" in ln
+            and not ln.strip().startswith("#")}
+
+def parse_bool(name):
+    def parse(v):
+        if v.lower() not in ("true", "false", "1", "0"):
+            raise UsageError(f"--{name}={v}: use true, false, 1 or 0")
+        return v.lower() in ("true", "1")
+    parse.__name__ = "boolean (true/false/1/0)"  # argparse names it in its error
+    return parse
+
 def parse_config(argv=None):
     """--key=value flags built from Config's fields; --preset=tiny applies before other flags."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p, helps = ArgParser(description=__doc__.split("\n")[1]), flag_help()
     for f in fields(Config):
-        kind = {bool: lambda s: s.lower() in ("1", "true", "yes")}.get(type(f.default), type(f.default))
-        p.add_argument(f"--{f.name}", type=kind, default=None, help=f"default {f.default!r}")
+        kind = parse_bool(f.name) if isinstance(f.default, bool) else type(f.default)
+        p.add_argument(f"--{f.name}", type=kind, default=None,
+                       help=f"{helps.get(f.name, '')} (default {f.default!r})".replace("%", "%%"))
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     if args.get("preset", "") not in ("", "tiny"):
-        raise ValueError(f"unknown preset {args['preset']!r}: use tiny")
+        raise UsageError(f"unknown preset {args['preset']!r}: use tiny")
     return Config(**{**asdict(Config()), **(TINY if args.get("preset") == "tiny" else {}), **args})
 
 def get_device(pref="auto"):  # cuda -> mps -> cpu unless given; cuda:N -> "cuda" on that GPU
+    if pref.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device={pref}: no CUDA GPU here; use auto or cpu")
     if pref.startswith("cuda:"):  # every check below compares device == "cuda"
-        torch.cuda.set_device(torch.device(pref)); return "cuda"
-    return pref if pref != "auto" else "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        torch.cuda.set_device(torch.device(pref))
+        return "cuda"
+    if pref == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device=mps: MPS is not available here; use auto or cpu")
+    if pref not in ("auto", "cpu", "cuda", "mps"):
+        raise UsageError(f"unknown --device={pref}: use auto, cpu, cuda, cuda:N or mps")
+    if pref != "auto":
+        return pref
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 def amp_dtype(device):  # bf16 on CUDA with bf16 support, else fp32 (no fp16, no GradScaler)
     return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -144,10 +178,10 @@ class GPTConfig:
     block_size: int = 256
     vocab_size: int = 50257
     n_layer: int = 12      # blocks stored (K for a recursive model, N for the full one)
-    n_head: int = 6
+    n_head: int = 6               # attention heads; n_embd must divide by it
     n_embd: int = 384
     dropout: float = 0.0
-    bias: bool = True
+    bias: bool = True             # biases in linear layers and LayerNorms (GPT-2 has them)
 
 class LoRALinear(nn.Linear):
     """nn.Linear plus one low-rank update per loop: y = W x + b + B_l A_l x (scaling 1, Eq. 3).
@@ -198,7 +232,7 @@ class MLP(nn.Module):
     def __init__(self, config, n_loops=1, rank=0):
         super().__init__()
         self.c_fc = LoRALinear(config.n_embd, 4 * config.n_embd, config.bias, n_loops, rank)
-        self.gelu = nn.GELU()  # nanoGPT's exact GELU (GPT-2 itself used the tanh approximation)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's own GELU (HF's gelu_new)
         self.c_proj = LoRALinear(4 * config.n_embd, config.n_embd, config.bias, n_loops, rank)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -301,37 +335,52 @@ def gpt2_to_nanogpt(sd):
     out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
 
-def download_gpt2(data_dir):
-    path = Path(data_dir) / "gpt2" / "model.safetensors"
+def gpt2_url(name):  # gpt2 (124M) | gpt2-medium | gpt2-large | gpt2-xl
+    return f"https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
+
+def download_gpt2(data_dir, name="gpt2"):
+    """The safetensors of a GPT-2 size, downloaded once to data_dir/<name>/ -> our state dict."""
+    path, url = Path(data_dir) / name / "model.safetensors", gpt2_url(name)
     if not path.exists():
-        print(f"downloading GPT-2 124M weights from {GPT2_URL}")
+        print(f"downloading {name} weights from {url}")
         try:
-            with urllib.request.urlopen(GPT2_URL, timeout=60) as r:
+            with urllib.request.urlopen(url, timeout=60) as r:
                 raw = r.read()
         except Exception as e:
-            raise ValueError(f"could not download GPT-2 weights from {GPT2_URL} ({e}); "
-                             f"put model.safetensors at {path} by hand, or use --init_from=pretrain")
+            raise UsageError(f"could not download {name} weights from {url} ({e}); put "
+                             f"model.safetensors at {path} by hand, or use --init_from=pretrain")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".part").write_bytes(raw), path.with_suffix(".part").replace(path)
-    return gpt2_to_nanogpt(parse_safetensors(path.read_bytes()))
+        path.with_suffix(".part").write_bytes(raw)
+        path.with_suffix(".part").replace(path)
+    try:
+        return gpt2_to_nanogpt(parse_safetensors(path.read_bytes()))
+    except Exception as e:  # truncated or not a GPT-2 file
+        raise UsageError(f"{path} is not a readable GPT-2 safetensors file ({e!r}): delete it and "
+                         f"run again to download it") from None
+
+def gpt2_config(sd, dropout):
+    """The shape of a GPT-2 state dict: every size has 64-wide heads (n_head = n_embd / 64)."""
+    V, C = sd["transformer.wte.weight"].shape
+    n_layer = len({k.split(".")[2] for k in sd if k.startswith("transformer.h.")})
+    return GPTConfig(sd["transformer.wpe.weight"].shape[0], V, n_layer, C // 64, C, dropout, True)
 
 def load_full_checkpoint(path, vocab_size):
     """A nanoGPT-style ckpt.pt {model, model_args} of a plain GPT -> (GPTConfig, state dict)."""
     if not Path(path).is_file():
-        raise ValueError(f"init_from: no checkpoint at {path} (use pretrain, gpt2 or a ckpt.pt path)")
+        raise UsageError(f"init_from: no checkpoint at {path} (use pretrain, gpt2 or a ckpt.pt path)")
     ck = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ck, dict) or "model" not in ck or "model_args" not in ck:
-        raise ValueError(f"init_from: {path} is not a ckpt.pt with 'model' and 'model_args'")
+        raise UsageError(f"init_from: {path} is not a ckpt.pt with 'model' and 'model_args'")
     a = ck["model_args"]
     gcfg = GPTConfig(**{f.name: a[f.name] for f in fields(GPTConfig) if f.name in a})
     if a.get("n_loops", 1) != 1 or a.get("lora_rank", 0) != 0 or gcfg.vocab_size != vocab_size:
-        raise ValueError(f"init_from: {path} must hold a plain GPT with vocab_size {vocab_size} (the "
+        raise UsageError(f"init_from: {path} must hold a plain GPT with vocab_size {vocab_size} (the "
                          f"tokenizer's); it has vocab_size {gcfg.vocab_size}, n_loops {a.get('n_loops', 1)}")
     sd = {k.removeprefix("_orig_mod."): v for k, v in ck["model"].items()}
     ref = {k: v.shape for k, v in GPT(gcfg).state_dict().items()}
     bad = sorted(set(ref) ^ set(sd)) + [k for k in ref if k in sd and sd[k].shape != ref[k]]
     if bad:  # missing, unexpected or misshapen tensors
-        raise ValueError(f"init_from: {path} does not match a nanoGPT GPT of its model_args (e.g. {bad[:3]})")
+        raise UsageError(f"init_from: {path} does not match a nanoGPT GPT of its model_args (e.g. {bad[:3]})")
     return gcfg, sd
 
 # -----------------------------------------------------------------------------
@@ -372,9 +421,12 @@ def convert(full, n_blocks, n_loops, init="stepwise", lora_rank=0, lora_init="sv
                     continue
                 for loop in range(R):  # ALGO LOGIC: residual of depth d = loop * K + k
                     W = src[f"transformer.h.{loop * K + k}.{mname}.weight"].float().cpu()  # (out, in)
-                    U, S, Vh = torch.linalg.svd(W - m.weight.float(), full_matrices=False)
+                    res = W - m.weight.float().cpu()
+                    if not res.any():  # the depth's own layer is the shared one: keep the random
+                        continue       # A and zero B of standard LoRA (App. C)
+                    U, S, Vh = torch.linalg.svd(res, full_matrices=False)
                     m.lora_B[loop] = U[:, :m.rank] * S[:m.rank]  # (out, r): singular values into B
-                    m.lora_A[loop] = Vh[:m.rank]                 # (r, in); zero residual -> B = 0
+                    m.lora_A[loop] = Vh[:m.rank]                 # (r, in)
     # biases and norms stay tied (paper): full-rank SVD recovers every linear weight exactly, and
     # the whole model exactly when tied layers share their biases/norms (e.g. bias=False models).
     return model
@@ -397,9 +449,9 @@ def parse_run(name, N, R):
             and parts[2].startswith("r") and parts[2][1:].lstrip("-").isdigit():
         rank = int(parts[2][1:])
         if rank < 0:
-            raise ValueError(f"run {name!r}: LoRA rank must be >= 0, got {rank}")
+            raise UsageError(f"run {name!r}: LoRA rank must be >= 0, got {rank}")
         return K, R, parts[1], rank, "zero" if parts[0] == "relaxedzero" else "svd"
-    raise ValueError(f"unknown run {name!r}: use full, reduced_random, <init>_noloop, rec_<init>, "
+    raise UsageError(f"unknown run {name!r}: use full, reduced_random, <init>_noloop, rec_<init>, "
                      f"relaxed_<init>_r<rank> or relaxedzero_<init>_r<rank> with init in {INITS}")
 
 # -----------------------------------------------------------------------------
@@ -551,223 +603,402 @@ def exit_stats(res, exits):
             "ppl": math.exp(res["nll"].gather(0, exits[None] - 1).mean().item())}
 
 # -----------------------------------------------------------------------------
-# serving: a real batched greedy-decoding engine (static / continuous / depth-wise) + the paper's simulator
+# serving: a real batched greedy-decoding engine (static / CSB / CDB) + the paper's simulator
+#
+# How the engine works (docs/recursive.md, "The CDB engine"). One engine step is ONE pass of the
+# K shared blocks over a list of rows. A row is one token of one slot at one loop, and rows at
+# different loops mix freely: Continuous Depth-wise Batching (Sec. 2.4). A row is one of
+#   decode   the token in flight of a slot, at the loop it runs next;
+#   prefill  a prompt token of a newly admitted request (chunked prefill: a P-token prompt is P
+#            rows, at loop 0 in its first step, at loop 1 in the next, ...);
+#   lazy     (kv_fill=exact) a loop skipped by a token that exited early, run in the next step so
+#            the cache ends up holding exactly what running that loop gives (FREE-style).
+# The KV cache: one key and one value tensor (N S, nh, Tmax, hs) for the N = K R effective depths
+# and S slots. Row d S + s holds depth d = loop K + k of slot s; column t holds its token at
+# position t. A pass reads every row's own depth with one index_select per block.
 
-@torch.no_grad()
-def serve(model, requests, max_batch, device, refill="continuous", exit_mode="none",
-          schedule=None, tau=1.0, kv_fill="propagate"):
-    """Greedy decoding of requests [(prompt (P,) LongTensor, n_new)] with max_batch slots, each holding
-    (request, position, loop). One engine step = ONE pass of the K blocks over all active slots, each at its
-    own loop and depth's LoRA, with a KV cache per effective depth d = loop * K + k (full model: K = N, R = 1).
-    refill: static (a batch runs until its longest request ends, finished rows computing on: notes §4.5 C.1)
-    | continuous (a freed slot takes the next queued request: CSB for R = 1, CDB for R > 1). exit_mode: none
-    | oracle (schedule[req][pos] = exit loop from teacher-forced trajectories, as in the paper) | confidence
-    (max prob >= tau). kv_fill, the skipped depths' KV of exited tokens: propagate | full (run them, charged)."""
-    K, R, C = model.config.n_layer, model.n_loops, model.config.n_embd
-    nh, hs, dt = model.config.n_head, C // model.config.n_head, amp_dtype(device)
-    Tmax = max(len(p) + n for p, n in requests)
-    assert Tmax <= model.config.block_size and len({len(p) for p, _ in requests}) == 1
-    kc, vc = (torch.zeros(K * R, max_batch, nh, Tmax, hs, device=device, dtype=dt) for _ in "kv")  # one per depth
-    # flat view: row d * max_batch + slot is depth d of a slot, so the mixed depths of one step are
-    # ONE index_select (a memcpy per row; 2-D fancy indexing is ~3x slower on CPU)
-    kf, vf = kc.view(-1, nh, Tmax, hs), vc.view(-1, nh, Tmax, hs)
-    h = torch.zeros(max_batch, C, device=device)              # hidden state per slot
-    req, pos, loop, tok = [-1] * max_batch, [0] * max_batch, [0] * max_batch, [0] * max_batch
-    out, queue, hist, steps, t_pre = [[] for _ in requests], deque(range(len(requests))), [0] * R, 0, 0.0
-    blocks, ar = model.transformer.h, torch.arange(Tmax, device=device)
-    left = lambda s: requests[req[s]][1] - len(out[req[s]])  # tokens slot s's request still owes
+KV_FILLS = ("exact", "propagate", "full")
 
-    def hook_at(rows, p, mask):  # attention hook: write this token's k, v at flat cache rows, read the past
-        def hook(kk, vv):        # kk, vv (b, nh, 1, hs) -> past k, v (b, nh, L, hs): only L = mask.size(-1) are live
-            kf[rows, :, p], vf[rows, :, p] = kk[:, :, 0].to(dt), vv[:, :, 0].to(dt)
-            return kf[:, :, :mask.size(-1)].index_select(0, rows), vf[:, :, :mask.size(-1)].index_select(0, rows), mask
+class Slot:
+    """The state of one engine slot: its request and the token (or prompt) in flight."""
+    def __init__(self):
+        self.req = -1     # request index; -1 = free
+        self.prompt = 0   # > 0: the request's prompt (this many tokens) is in flight as prefill rows
+        self.pos = 0      # position of the token in flight = its cache column
+        self.loop = 0     # the loop it runs next (0-based)
+        self.tok = 0      # its input when loop == 0: the token, embedded ...
+        self.src = 0      # ... else: this row of the previous pass's output (the first of a prompt's)
+        self.lazy = []    # kv_fill=exact: [pos, loop, src] of skipped loops due in the next pass
+
+class PhaseTimer:
+    """Seconds per engine phase when on (it synchronises CUDA at every mark: profile runs only)."""
+    def __init__(self, device, on):
+        self.device, self.on, self.s, self.t = device, on, {}, time.perf_counter()
+
+    def mark(self, phase):  # charge the time since the previous mark to phase
+        if self.on:
+            sync(self.device)
+            now = time.perf_counter()
+            self.s[phase], self.t = self.s.get(phase, 0.0) + now - self.t, now
+
+def block_pass(model, x, slot, pos, loop, kf, vf, timer):
+    """ALGO LOGIC: one pass of the K shared blocks; row i runs loop[i] with that depth's LoRA and
+    reads / writes its cache rows (loop K + k) S + slot at column pos. x (n, 1, C) -> (n, 1, C)."""
+    K, S = model.config.n_layer, kf.size(0) // (model.config.n_layer * model.n_loops)
+    L = int(pos.max()) + 1  # live context: the empty tail of the cache is never read
+    mask = (torch.arange(L, device=x.device)[None] <= pos[:, None])[:, None, None]  # (n, 1, 1, L)
+
+    def hook_for(rows):  # attention hook: store this pass's k, v (n, nh, 1, hs), return the past
+        def hook(k, v):
+            timer.mark("blocks")
+            kf[rows, :, pos], vf[rows, :, pos] = k[:, :, 0].to(kf.dtype), v[:, :, 0].to(vf.dtype)
+            past_k = kf[:, :, :L].index_select(0, rows)  # (n, nh, L, hs)
+            past_v = vf[:, :, :L].index_select(0, rows)
+            timer.mark("kv cache")
+            return past_k, past_v, mask
         return hook
+    for k, blk in enumerate(model.transformer.h):
+        x = blk(x, loop, hook_for((loop * K + k) * S + slot))
+    timer.mark("blocks")
+    return x
 
-    def start_token(s, t):  # slot s moves on to its request's next token t (embedded next step), or frees
-        if left(s) > 0:  # (a finished row of a static batch computes on; its tokens are dropped)
-            out[req[s]].append(t)
-        done = left(s) == 0 and refill != "static"  # static: the whole batch frees at once (below)
-        req[s], pos[s], loop[s], tok[s] = -1 if done else req[s], pos[s] + 1, 0, t
+def fill_skipped_kv(model, x, slot, pos, done, kf, vf, kv_fill, timer):
+    """Exited tokens (`done` loops run, < R) owe K/V at the depths they skip. propagate: copy the
+    exited state up (CALM) through each skipped depth's ln_1 + c_attn (+ LoRA); full: run the
+    skipped loops now. x (m, 1, C). kv_fill=exact runs them lazily instead (Engine.update)."""
+    K, R, C = model.config.n_layer, model.n_loops, model.config.n_embd
+    S, nh = kf.size(0) // (K * R), model.config.n_head
+    for lq in range(1, R):
+        sel = (done <= lq).nonzero()[:, 0]  # the tokens that skip loop lq
+        if len(sel) == 0:
+            continue
+        s, p, lp = slot[sel], pos[sel], torch.full_like(sel, lq)
+        if kv_fill == "full":
+            x[sel] = block_pass(model, x[sel], s, p, lp, kf, vf, timer)
+            continue
+        for k, blk in enumerate(model.transformer.h):
+            kv = blk.attn.c_attn(blk.ln_1(x[sel]), lp)[:, 0, C:]  # (m', 2C): this depth's k, v
+            rows = (lq * K + k) * S + s
+            kf[rows, :, p] = kv[:, :C].view(-1, nh, C // nh).to(kf.dtype)
+            vf[rows, :, p] = kv[:, C:].view(-1, nh, C // nh).to(vf.dtype)
+    timer.mark("kv fill")
 
-    def admit(slots):  # prefill new requests into free slots: all loops, dense causal attention
-        ids = [queue.popleft() for _ in slots]
-        idx = torch.stack([requests[i][0] for i in ids]).to(device)   # (b, P)
-        st = torch.tensor(slots, device=device)
-        P, x = idx.size(1), model.embed(idx)
-        for lp in range(R):
-            for k, blk in enumerate(blocks):
-                def hook(kk, vv, d=lp * K + k):
-                    kc[d, st, :, :P], vc[d, st, :, :P] = kk.to(dt), vv.to(dt)
-                    return kk, vv, None
-                x = blk(x, lp, hook)
-        for s, i, t in zip(slots, ids, model.head(x[:, -1]).argmax(-1).tolist()):
-            req[s], pos[s] = i, P - 1
-            start_token(s, t)
+class Engine:
+    """Greedy decoding of requests [(prompt (P,) LongTensor, n_new)] through max_batch slots.
+    refill: static (a batch of requests runs until its longest ends; finished rows compute on,
+    their tokens dropped) | continuous (a freed slot takes the next request: CSB when R = 1, CDB
+    when R > 1). exit_mode: none | oracle (schedule[req][pos] = exit loop, 1-based) | confidence
+    (exit after the first loop whose max probability >= tau). kv_fill: what an exited token puts
+    in the cache at the depths it skipped: exact | propagate | full (see the section comment)."""
+    def __init__(self, model, requests, max_batch, device, refill="continuous", exit_mode="none",
+                 schedule=None, tau=1.0, kv_fill="exact", profile=False):
+        c = model.config
+        self.model, self.device, self.refill, self.exit_mode = model, device, refill, exit_mode
+        self.schedule, self.tau, self.kv_fill = schedule, tau, kv_fill
+        self.prompts, self.n_new = [p.tolist() for p, _ in requests], [n for _, n in requests]
+        self.K, self.R = c.n_layer, model.n_loops
+        T = max(map(len, self.prompts)) + max(self.n_new)
+        assert T <= c.block_size, f"prompt + new tokens ({T}) exceed the context {c.block_size}"
+        shape = (self.K * self.R, max_batch, c.n_head, T, c.n_embd // c.n_head)
+        self.kc, self.vc = (torch.zeros(shape, device=device, dtype=amp_dtype(device)) for _ in "kv")
+        self.kf, self.vf = self.kc.flatten(0, 1), self.vc.flatten(0, 1)  # row d S + s (a view)
+        self.slots, self.queue = [Slot() for _ in range(max_batch)], deque(range(len(requests)))
+        self.out, self.exit_hist, self.steps = [[] for _ in requests], [0] * self.R, 0
+        self.prev = torch.zeros(0, 1, c.n_embd, device=device)  # the previous pass's output rows
+        self.timer = PhaseTimer(device, profile)
 
-    sync(device)
-    t0 = time.perf_counter()
-    with autocast_ctx(device):
-        while queue or any(r >= 0 for r in req):
-            free = [s for s in range(max_batch) if req[s] < 0]
-            if queue and free and (refill == "continuous" or len(free) == max_batch):
-                sync(device); t1 = time.perf_counter(); admit(free[:len(queue)])  # admit ends in a host read (.tolist)
-                t_pre += time.perf_counter() - t1
-                continue  # admitted requests may already be done (n_new = 1)
-            act = [s for s in range(max_batch) if req[s] >= 0]
-            # ONE host->device copy per step: slot, loop, position, token and each block's cache row
-            st = torch.tensor([act, [loop[s] for s in act], [pos[s] for s in act], [tok[s] for s in act]]
-                              + [[(loop[s] * K + k) * max_batch + s for s in act] for k in range(K)], device=device)
-            idx, lp, p, rows = st[0], st[1], st[2], st[4:]             # rows (K, b): depth loop * K + k
-            L = max(pos[s] for s in act) + 1                           # live context: skip the empty tail
-            mask = (ar[None, :L] <= p[:, None])[:, None, None, :]      # (b, 1, 1, L)
-            # a slot at loop 0 starts a new token (its embedding); later loops carry on from h
-            x = torch.where((lp == 0)[:, None, None], model.embed(st[3, :, None], p[:, None]), h.index_select(0, idx)[:, None])
-            for k, blk in enumerate(blocks):  # ALGO LOGIC: one shared-block pass, mixed loops
-                x = blk(x, lp, hook_at(rows[k], p, mask))              # (b, 1, C)
-            h.index_copy_(0, idx, x[:, 0].float())
-            steps, dl = steps + 1, [loop[s] + 1 for s in act]          # dl: loops done per slot
-            # ex: exits before the last loop (oracle: from the teacher-forced schedule)
-            ex = [exit_mode == "oracle" and dl[i] < R and dl[i] >= schedule[req[s]][pos[s]] for i, s in enumerate(act)]
-            if exit_mode == "confidence" and any(d < R for d in dl):
-                nf = [i for i in range(len(act)) if dl[i] < R]
-                conf = model.head(x[nf, 0]).float().softmax(-1).max(-1).values.tolist()
-                for i, c in zip(nf, conf):
-                    ex[i] = c >= tau
-            emit = [i for i in range(len(act)) if dl[i] == R or ex[i]]  # slots whose token is chosen now
-            tok_of = dict(zip(emit, model.head(x[emit, 0]).argmax(-1).tolist() if emit else []))
-            # ALGO LOGIC: exited tokens still owe keys/values at the depths they skip. propagate: copy
-            # the exited state up (CALM) and project it with each skipped depth's c_attn + LoRA;
-            # full: really run the skipped loops (the compute the paper leaves out). EXERCISE: do it lazily, FREE-style
-            for lq in range(1, R):
-                sel = [i for i in emit if ex[i] and dl[i] <= lq]   # exited tokens that skip loop lq
-                if not sel:
-                    continue
-                si = torch.tensor(sel, device=device)
-                rk = torch.tensor([[(lq * K + k) * max_batch + act[i] for i in sel] for k in range(K)], device=device)
-                xs, ps = x.index_select(0, si), p.index_select(0, si)   # (b', 1, C), (b',)
-                if kv_fill == "full":
-                    for k, blk in enumerate(blocks):
-                        xs = blk(xs, lq, hook_at(rk[k], ps, mask.index_select(0, si)))
-                    x.index_copy_(0, si, xs)  # later skipped loops start from here (h holds its own copy)
-                    continue
-                kv = torch.cat([blk.attn.c_attn(blk.ln_1(xs), lq)[:, 0, C:] for blk in blocks])  # (K b', 2C)
-                kf[rk.flatten(), :, ps.repeat(K)] = kv[:, :C].view(-1, nh, hs).to(dt)   # one write for all K depths
-                vf[rk.flatten(), :, ps.repeat(K)] = kv[:, C:].view(-1, nh, hs).to(dt)
-            for i, s in enumerate(act):
-                if i in tok_of:
-                    hist[dl[i] - 1] += left(s) > 0
-                    start_token(s, tok_of[i])
+    def busy(self):
+        return bool(self.queue) or any(s.req >= 0 for s in self.slots)
+
+    def owed(self, s):  # tokens slot s's request still owes
+        return self.n_new[s.req] - len(self.out[s.req])
+
+    def admit(self):
+        """Free slots take the next queued requests (static: only once the whole batch is free).
+        Their prompts enter the next pass as prefill rows."""
+        free = [s for s in self.slots if s.req < 0]
+        if self.refill == "static" and len(free) < len(self.slots):
+            return
+        for s in free[:len(self.queue)]:
+            s.req = self.queue.popleft()
+            s.prompt, s.pos, s.loop, s.lazy = len(self.prompts[s.req]), 0, 0, []
+
+    def rows(self):
+        """This step's rows: (kind, slot) per row and the (n, 4) tensor slot | pos | loop | input,
+        input = a token id (loop 0: embedded) or a row of the previous pass's output."""
+        who, rows = [], []
+        for i, s in enumerate(self.slots):
+            if s.req < 0:
+                continue
+            if s.prompt:
+                toks = self.prompts[s.req]
+                rows += [(i, t, s.loop, toks[t] if s.loop == 0 else s.src + t) for t in range(s.prompt)]
+                who += [("prefill", s)] * s.prompt
+            else:
+                rows.append((i, s.pos, s.loop, s.tok if s.loop == 0 else s.src))
+                who.append(("decode", s))
+            rows += [(i, p, lq, src) for p, lq, src in s.lazy]
+            who += [("lazy", s)] * len(s.lazy)
+            s.lazy = []
+        return who, rows, torch.tensor(rows, device=self.device)  # ONE host -> device copy per step
+
+    def inputs(self, pos, loop, inp):
+        """(n, 1, C): the embedding of loop-0 rows' tokens, the carried state of the others."""
+        first = (loop == 0)[:, None, None]
+        emb = self.model.embed(torch.where(loop == 0, inp, 0)[:, None], pos[:, None])
+        if len(self.prev) == 0:
+            return emb
+        return torch.where(first, emb, self.prev.index_select(0, torch.where(loop == 0, 0, inp)))
+
+    def step(self):
+        """ONE engine step: admit, one pass over every row, exits, tokens -> (had prefill rows,
+        decode tokens emitted)."""
+        self.admit()
+        who, rows, t = self.rows()
+        slot, pos, loop, inp = t.unbind(1)
+        x = self.inputs(pos, loop, inp)
+        self.timer.mark("rows + embed")
+        x = self.prev = block_pass(self.model, x, slot, pos, loop, self.kf, self.vf, self.timer)
+        emit, ask = self.exits(who, rows)
+        heads = list(emit) + ask
+        vals = self.head(x, heads) if heads else []
+        toks = {j: int(v[0]) for j, v in zip(heads, vals)}
+        for j, v in zip(ask, vals[len(emit):]):
+            if v[1] >= self.tau:  # confidence exit (Sec. 4.2 names CALM's softmax response)
+                emit[j] = rows[j][2] + 1
+        self.timer.mark("head + exits")
+        n_dec, exited = self.update(who, rows, emit, toks)
+        self.timer.mark("bookkeeping")
+        if exited and self.kv_fill != "exact":
+            e = torch.tensor(exited, device=self.device)  # (m, 2): row, loops done
+            fill_skipped_kv(self.model, x[e[:, 0]], slot[e[:, 0]], pos[e[:, 0]], e[:, 1],
+                            self.kf, self.vf, self.kv_fill, self.timer)
+        self.steps += 1
+        return any(kind == "prefill" for kind, _ in who), n_dec
+
+    def exits(self, who, rows):
+        """-> ({row: loops done} of rows that emit a token now, rows whose exit needs the head)."""
+        emit, ask = {}, []
+        for j, ((kind, s), (_, p, lq, _)) in enumerate(zip(who, rows)):
+            if kind == "prefill" and lq + 1 == self.R and p == s.prompt - 1:
+                emit[j] = self.R  # the prompt's last row gives the request's first token
+            elif kind == "decode":
+                oracle = self.schedule[s.req].get(p, self.R) if self.exit_mode == "oracle" else self.R
+                if lq + 1 == self.R or lq + 1 >= oracle:
+                    emit[j] = lq + 1
+                elif self.exit_mode == "confidence":
+                    ask.append(j)
+        return emit, ask
+
+    def head(self, x, rows):
+        """[(argmax, max probability)] of the rows' logits (ln_f + lm_head): the ONE host read."""
+        logits = self.model.head(x[rows, 0]).float()  # (m, V)
+        conf = torch.zeros(len(rows), device=x.device)
+        if self.exit_mode == "confidence":
+            conf = (logits.max(-1).values - logits.logsumexp(-1)).exp()
+        return torch.stack([logits.argmax(-1).float(), conf], 1).tolist()
+
+    def update(self, who, rows, emit, toks):
+        """Move every slot on after a pass -> (decode tokens emitted, [[row, loops done]] of the
+        tokens that exited before the last loop)."""
+        n_dec, exited = 0, []
+        for j, ((kind, s), (_, p, lq, _)) in enumerate(zip(who, rows)):
+            if kind == "lazy":  # its next skipped loop, if any, runs in the next pass
+                if lq + 1 < self.R and s.req >= 0:
+                    s.lazy.append([p, lq + 1, j])
+            elif kind == "prefill" and p == s.prompt - 1:  # the prompt's last row moves it on
+                if lq + 1 < self.R:
+                    s.loop, s.src = lq + 1, j - p
                 else:
-                    loop[s] += 1
-            if refill == "static" and not any(left(s) for s in act):
-                req[:] = [-1] * max_batch  # the longest request of the batch is done: the batch ends
-    sync(device); wall = time.perf_counter() - t0
-    n_dec = sum(n - 1 for _, n in requests)  # decode tokens: the first token of each request comes from prefill
-    return {"tokens": out, "time_s": wall, "tok_per_s": sum(n for _, n in requests) / wall, "prefill_s": t_pre,
-            "decode_tok_per_s": n_dec / max(wall - t_pre, 1e-9), "steps": steps, "exit_hist": hist, "kv": (kc, vc)}
+                    s.prompt = 0
+                    self.next_token(s, toks[j], p)
+            elif kind == "decode" and j not in emit:
+                s.loop, s.src = lq + 1, j
+            elif kind == "decode":
+                d = emit[j]
+                if self.owed(s) > 0:
+                    self.exit_hist[d - 1] += 1
+                    n_dec += 1
+                if d < self.R:
+                    exited.append([j, d])
+                    if self.kv_fill == "exact":  # ALGO LOGIC: its loop d runs in the next pass
+                        s.lazy.append([p, d, j])
+                self.next_token(s, toks[j], p)
+        if self.refill == "static" and all(s.req < 0 or self.owed(s) == 0 for s in self.slots):
+            for s in self.slots:  # the longest request of the batch is done: the batch ends
+                s.req, s.lazy = -1, []
+        return n_dec, exited
+
+    def next_token(self, s, tok, p):
+        """Record the token chosen at position p; the slot moves on to p + 1, or frees."""
+        if self.owed(s) > 0:  # (a finished row of a static batch computes on; its tokens drop)
+            self.out[s.req].append(tok)
+        s.pos, s.loop, s.tok = p + 1, 0, tok
+        if self.owed(s) == 0 and self.refill != "static":
+            s.req, s.lazy = -1, []  # pending lazy rows are dropped: nothing reads them any more
 
 @torch.no_grad()
-def trajectory_exits(model, requests, tokens, device):
-    """Teacher-force prompt + generated tokens; oracle exit loop per decode position: schedule[i][pos]."""
+def serve(model, requests, max_batch, device, **kw):
+    """Run an Engine (its arguments in **kw) to the end -> tokens per request, time, throughput
+    end to end and decode only (the steps without prefill rows), steps, exit histogram of the
+    decode tokens, the KV cache (kc, vc) and, with profile=True, seconds per phase."""
+    eng = Engine(model, requests, max_batch, device, **kw)
+    sync(device)
+    t0, dec_s, dec_n = time.perf_counter(), 0.0, 0
+    with autocast_ctx(device):
+        while eng.busy():
+            t1 = time.perf_counter()
+            prefill, n = eng.step()
+            if not prefill:
+                dec_s, dec_n = dec_s + time.perf_counter() - t1, dec_n + n
+    sync(device)
+    wall = time.perf_counter() - t0
+    return {"tokens": eng.out, "time_s": wall, "tok_per_s": sum(eng.n_new) / wall,
+            "decode_tok_per_s": dec_n / max(dec_s, 1e-9), "steps": eng.steps,
+            "exit_hist": eng.exit_hist, "kv": (eng.kc, eng.vc), "phases_s": eng.timer.s}
+
+@torch.no_grad()
+def trajectory_exits(model, requests, continuations, device):
+    """Teacher-force each prompt + its continuation (real text, as the paper's trajectories, Sec.
+    3.8) -> schedule[i][pos] = oracle exit loop of the token at each decode position."""
     sched = []
-    for (prompt, n), toks in zip(requests, tokens):
-        seq = torch.cat([prompt, torch.tensor(toks[:-1], dtype=torch.long)])[None].to(device)
+    for (prompt, n), cont in zip(requests, continuations):
+        seq = torch.cat([prompt, cont[:n - 1]])[None].to(device)
         with autocast_ctx(device):
             outs, _ = model(seq, all_exits=True)
-        am = torch.stack([o[0].argmax(-1) for o in outs])                  # (R, T)
+        am = torch.stack([o[0].argmax(-1) for o in outs])  # (R, T)
         e = oracle_exits((am == am[-1:]).cpu()).tolist()
         sched.append({q: e[q] for q in range(len(prompt), seq.size(1))})
     return sched
 
 @torch.no_grad()
-def step_times(model, batches, ctx, device, reps=10):
-    """Measured time of one shared-block pass (K blocks, one loop) at each batch size, KV length ctx."""
-    C, nh, dt, res = model.config.n_embd, model.config.n_head, amp_dtype(device), {}
+def step_times(model, batches, ctx, device, reps=30):
+    """Seconds of one shared-block pass (K blocks, one loop, KV length ctx) per batch size: the
+    median of reps passes, the batch sizes interleaved so that a load change hits them all."""
+    C, nh, dt = model.config.n_embd, model.config.n_head, amp_dtype(device)
+    ins, ts = {}, {b: [] for b in batches}
     for b in batches:  # mixed loops (lp) so relaxed models pay their per-row LoRA
         kv = torch.randn(b, nh, ctx, C // nh, device=device, dtype=dt)
-        hook = lambda kk, vv, kv=kv: (kv, kv, torch.ones(b, 1, 1, ctx, dtype=torch.bool, device=device))
-        x0, lp = torch.randn(b, 1, C, device=device), torch.arange(b, device=device) % model.n_loops
-        ts = []
-        for i in range(reps + 2):
-            sync(device); t0 = time.perf_counter()
+        mask = torch.ones(b, 1, 1, ctx, dtype=torch.bool, device=device)
+        lp = torch.arange(b, device=device) % model.n_loops
+        ins[b] = (torch.randn(b, 1, C, device=device), lp, lambda k, v, kv=kv, m=mask: (kv, kv, m))
+    for i in range(reps + 2):  # the first two rounds are warm-up
+        for b in batches:
+            x, lp, hook = ins[b]
+            sync(device)
+            t0 = time.perf_counter()
             with autocast_ctx(device):
-                x = x0
                 for blk in model.transformer.h:
                     x = blk(x, lp, hook)
-            sync(device); ts.append(time.perf_counter() - t0)
-        res[b] = float(np.median(ts[2:]))  # the first two are warm-up
-    return res
+            sync(device)
+            ts[b].append(time.perf_counter() - t0)
+    return {b: float(np.median(t[2:])) for b, t in ts.items()}
 
 def simulate(lengths, exits, t_step, max_batch, mode, R):
-    """The paper's simulator (Sec. 3.8, App. K): all requests queued at t=0; each step costs the measured
-    t_step[active batch] (seconds). lengths: decode tokens per request; exits[i]: exit loop per token. mode:
-    static (a batch steps until its longest request ends) | csb (step = full-model pass) | cdb (step = one
-    loop of the shared block) | ee_sync (early exit, no CDB: a step waits for its slowest token). -> (tok/s, steps)"""
-    t = lambda b, bs=sorted(t_step): float(np.interp(b, bs, [t_step[k] for k in bs]))  # step time at batch b
+    """The paper's simulator (Sec. 3.8, App. K): all requests queued at t=0; each step costs the
+    measured t_step[active batch] (seconds). lengths: decode tokens per request; exits[i]: exit
+    loop per token. mode: static (a batch steps until its longest request ends) | csb (step = one
+    full-model pass) | cdb (step = one loop of the shared block) | ee_sync (early exit without
+    CDB: batches as static, a step costs its slowest token's exit loop) -> (tok/s, steps)."""
+    t = lambda b, bs=sorted(t_step): float(np.interp(b, bs, [t_step[k] for k in bs]))
     total, steps, queue = 0.0, 0, deque(i for i, n in enumerate(lengths) if n > 0)
     slots = []  # [request, token index, loops done]
     while queue or slots:
         if mode in ("csb", "cdb") or not slots:
             while queue and len(slots) < max_batch:
                 slots.append([queue.popleft(), 0, 0])
-        # ee_sync: every slot makes one token per step, at the cost of the slowest slot's exit loop
-        total += t(len(slots)) * (max(exits[s[0]][s[1]] for s in slots) if mode == "ee_sync" else 1)
+        live = [s for s in slots if s[1] < lengths[s[0]]]  # finished rows of a batch compute on
+        total += t(len(slots)) * (max(exits[s[0]][s[1]] for s in live) if mode == "ee_sync" else 1)
         steps += 1
         for s in slots:
             s[2] += 1
             if mode != "cdb" or s[2] >= (exits[s[0]][s[1]] if exits else R):
                 s[1], s[2] = s[1] + 1, 0
-        if mode != "static" or all(s[1] >= lengths[s[0]] for s in slots):  # static: finished rows idle
-            slots = [s for s in slots if s[1] < lengths[s[0]]]  # in the batch until it ends; else they leave
+        if mode in ("csb", "cdb") or all(s[1] >= lengths[s[0]] for s in slots):
+            slots = [s for s in slots if s[1] < lengths[s[0]]]
     return sum(lengths) / total, steps
 
 # -----------------------------------------------------------------------------
 # the study: full model -> every run in cfg.runs, uptrained on the same tokens, evaluated
 
+# the code each stage is built by: a change in any of it gives the stage a new cache key
+STAGE_CODE = {"pretrain": ("GPT", "Block", "CausalSelfAttention", "MLP", "LoRALinear", "train",
+                           "get_lr", "uptrain_loss", "kd_loss"),
+              "study": ("convert", "source_layers"), "early_exit": ("early_exit_loss",)}
+
+def code_version(stage):
+    """Hash of the source of every function or class that builds the stage (and the stages before)."""
+    names = [n for st in STAGES[:STAGES.index(stage) + 1] for n in STAGE_CODE.get(st, ())]
+    src = "".join(inspect.getsource(globals()[n]) for n in names)
+    return hashlib.sha1(src.encode()).hexdigest()[:10]
+
 def cached(cfg, name, spec, device, build):
     """Reuse a finished stage from out_dir/ckpt/<name>-<hash of its spec>.pt, else build() and save
-    it as a plain-typed dict {model, model_args, config, step, extras} (loads with weights_only)."""
-    path = Path(cfg.out_dir) / "ckpt" / f"{name}-{hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]}.pt"
+    it as a plain-typed dict {model, model_args, config, step, extras} (loads with weights_only).
+    A damaged file is reported in one line and rebuilt."""
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    path = Path(cfg.out_dir) / "ckpt" / f"{name}-{key}.pt"
     if path.exists():
-        print(f"{name}: reusing {path}")
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        a = ck["model_args"]
-        model = GPT(GPTConfig(**{f.name: a[f.name] for f in fields(GPTConfig)}), a["n_loops"], a["lora_rank"])
-        model.load_state_dict(ck["model"])
-        return model.to(device).eval()
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+            a = ck["model_args"]
+            model = GPT(GPTConfig(**{f.name: a[f.name] for f in fields(GPTConfig)}), a["n_loops"],
+                        a["lora_rank"])
+            model.load_state_dict(ck["model"])
+            print(f"{name}: reusing {path}")
+            return model.to(device).eval()
+        except Exception as e:
+            print(f"{name}: {path} is damaged ({type(e).__name__}), rebuilding it")
     model, extras = build()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "config": asdict(cfg),
-                "model_args": {**asdict(model.config), "n_loops": model.n_loops, "lora_rank": model.lora_rank},
+    model_args = {**asdict(model.config), "n_loops": model.n_loops, "lora_rank": model.lora_rank}
+    torch.save({"model": model.state_dict(), "config": asdict(cfg), "model_args": model_args,
                 "step": extras.get("step", 0), "extras": extras}, path.with_suffix(".part"))
     path.with_suffix(".part").replace(path)  # never a half-written checkpoint
     return model.eval()
 
 def check_config(cfg):
     """Every bad input fails here (or while resolving init_from), before anything is written."""
+    positive = ("n_layer", "n_head", "n_embd", "block_size", "n_loops", "batch_size", "eval_batch_size",
+                "log_interval", "n_requests", "max_batch", "prompt_len", "bench_rounds")
+    counts = ("pretrain_iters", "uptrain_iters", "ee_iters", "eval_tokens", "lora_rank")
+    for name in positive + counts:
+        v = getattr(cfg, name)
+        if v < (1 if name in positive else 0):
+            raise UsageError(f"--{name}={v}: must be >= {1 if name in positive else 0}")
     for bad, msg in [
-            (cfg.n_loops < 1 or cfg.n_layer % cfg.n_loops, f"n_layer={cfg.n_layer} is not divisible by n_loops={cfg.n_loops}"),
-            (cfg.lora_rank < 0, f"lora_rank must be >= 0, got {cfg.lora_rank}"),
+            (cfg.n_embd % cfg.n_head, f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}"),
+            (cfg.n_layer % cfg.n_loops, f"n_layer={cfg.n_layer} is not divisible by n_loops={cfg.n_loops}"),
             (cfg.init not in INITS, f"unknown init {cfg.init!r}: use one of {INITS}"),
             (cfg.lora_init not in ("svd", "zero"), f"unknown lora_init {cfg.lora_init!r}: use svd or zero"),
             (cfg.stage not in STAGES, f"unknown stage {cfg.stage!r}: use one of {STAGES}"),
-            (cfg.init_from == "gpt2" and cfg.tokenizer != "gpt2", "init_from=gpt2 needs tokenizer=gpt2"),
-            (cfg.kv_fill not in ("propagate", "full"), f"unknown kv_fill {cfg.kv_fill!r}: use propagate or full"),
+            (cfg.tokenizer not in ("gpt2", "char"), f"unknown tokenizer {cfg.tokenizer!r}: use gpt2 or char"),
+            (cfg.init_from in GPT2_SIZES and cfg.tokenizer != "gpt2",
+             f"init_from={cfg.init_from} needs tokenizer=gpt2"),
+            (cfg.kv_fill not in KV_FILLS, f"unknown kv_fill {cfg.kv_fill!r}: use one of {KV_FILLS}"),
             (not 0 <= cfg.kd_weight <= 1, f"kd_weight must be in [0, 1], got {cfg.kd_weight}"),
+            (not 0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}"),
+            (not 0 <= cfg.conf_agree <= 1, f"conf_agree must be in [0, 1], got {cfg.conf_agree}"),
+            (not 0 <= cfg.warmup_frac <= 1 or not 0 <= cfg.min_lr_frac <= 1,
+             "warmup_frac and min_lr_frac must be in [0, 1]"),
+            (min(cfg.lr, cfg.pretrain_lr, cfg.kd_temp) <= 0, "lr, pretrain_lr and kd_temp must be > 0"),
+            (min(cfg.ee_weight, cfg.weight_decay, cfg.grad_clip) < 0,
+             "ee_weight, weight_decay and grad_clip must be >= 0"),
             (cfg.prompt_len + cfg.gen_max > cfg.block_size or not 2 <= cfg.gen_min <= cfg.gen_max,
              "need 2 <= gen_min <= gen_max (>= 1 decode step) and prompt_len + gen_max <= block_size")]:
         if bad:
-            raise ValueError(msg)
+            raise UsageError(msg)
     for name in cfg.runs.split(","):
         parse_run(name.strip(), cfg.n_layer, cfg.n_loops)
 
 def resolve_full(cfg, data_dir):
     """The full model's source, downloaded / loaded / checked before anything is written.
     Returns (meta, GPTConfig, state dict or None (= pretrain here), cache key)."""
-    full_sd = download_gpt2(data_dir) if cfg.init_from == "gpt2" else None
+    gpt2 = cfg.init_from in GPT2_SIZES
+    full_sd = download_gpt2(data_dir, cfg.init_from) if gpt2 else None
     meta = data.prepare_text(cfg.dataset, cfg.tokenizer, data_dir)
-    if cfg.init_from == "gpt2":
-        gcfg, key = GPTConfig(1024, 50257, 12, 12, 768, cfg.dropout, True), {"gpt2": GPT2_URL}
+    if gpt2:
+        gcfg, key = gpt2_config(full_sd, cfg.dropout), {"gpt2": gpt2_url(cfg.init_from)}
     elif cfg.init_from != "pretrain":
         gcfg, full_sd = load_full_checkpoint(cfg.init_from, meta["vocab_size"])
         gcfg.dropout = cfg.dropout
@@ -783,11 +1014,12 @@ def resolve_full(cfg, data_dir):
         check_config(cfg)
     gcfg.block_size = min(gcfg.block_size, cfg.block_size)  # train/eval context: cut wpe rows
     if cfg.prompt_len + cfg.gen_max > gcfg.block_size:  # a short-context checkpoint: fail now, not after training
-        raise ValueError(f"prompt_len + gen_max = {cfg.prompt_len + cfg.gen_max} exceeds the model's context "
+        raise UsageError(f"prompt_len + gen_max = {cfg.prompt_len + cfg.gen_max} exceeds the model's context "
                          f"{gcfg.block_size} ({cfg.init_from})")
     if full_sd is not None:
         full_sd["transformer.wpe.weight"] = full_sd["transformer.wpe.weight"][:gcfg.block_size]
     return meta, gcfg, full_sd, {"data": [cfg.dataset, cfg.tokenizer, meta["source_sha256"]], "src": key,
+                                 "code": code_version("pretrain"),
                                  "seed": cfg.seed, "ctx": [gcfg.block_size, gcfg.dropout],
                                  "sched": [cfg.warmup_frac, cfg.min_lr_frac, cfg.grad_clip]}
 
@@ -820,7 +1052,8 @@ def run(cfg):
 
     # ALGO LOGIC: every run is converted from the same full model, then uptrained on the same
     # token windows with the same recipe and KD from the full model (Sec. 3.1, 3.6)
-    key = {**key, "up": [cfg.uptrain_iters, cfg.lr, cfg.batch_size, cfg.kd_weight, cfg.kd_temp, cfg.weight_decay, R]}
+    key = {**key, "code": code_version("study"),
+           "up": [cfg.uptrain_iters, cfg.lr, cfg.batch_size, cfg.kd_weight, cfg.kd_temp, cfg.weight_decay, R]}
     main_name = f"rec_{cfg.init}" if cfg.lora_rank == 0 else \
         f"{'relaxed' if cfg.lora_init == 'svd' else 'relaxedzero'}_{cfg.init}_r{cfg.lora_rank}"
     runs = [r.strip() for r in cfg.runs.split(",")]
@@ -848,7 +1081,8 @@ def run(cfg):
         print(f"{name:24s} | {row['non_emb_params'] / 1e6:6.2f}M | val ppl {v['ppl']:8.2f} | test ppl {t['ppl']:8.2f}"
               + (f" | val ppl per loop {' '.join(f'{q:.2f}' for q in v['loop_ppl'])}" if loops > 1 else ""))
     summary["claims"] = check_claims(summary["results"])
-    print("\n".join(f"claim {k}: {v}" for k, v in summary["claims"].items()))
+    noise = " (tiny preset: noise at this size)" if cfg.preset == "tiny" else ""
+    print("\n".join(f"claim {k}: {v}{noise}" for k, v in summary["claims"].items()))
     if cfg.stage == "study":
         return finish(cfg, summary, out)
 
@@ -858,7 +1092,8 @@ def run(cfg):
         m.load_state_dict(models[main_name].state_dict())
         return m, {"step": cfg.ee_iters, "history": train(
             m, tr, cfg, device, cfg.ee_iters, cfg.lr, teacher=full, ee=True, name=main_name + "_ee", log=log)}
-    ee_model = cached(cfg, main_name + "_ee", {**key, "run": main_name, "ee": [cfg.ee_iters, cfg.ee_weight]},
+    ee_model = cached(cfg, main_name + "_ee", {**key, "run": main_name, "ee": [cfg.ee_iters, cfg.ee_weight],
+                                                       "code": code_version("early_exit")},
                       device, build_ee)
     rv, rt = evaluate(ee_model, va, cfg, device, collect=True), evaluate(ee_model, te, cfg, device, collect=True)
     tau = calibrate_tau(rv["maxp"], rv["agree"], cfg.conf_agree)
@@ -893,54 +1128,100 @@ def check_claims(rows):
         claims["relaxed_ppl_falls_with_rank"] = all(a[1] > b[1] for a, b in zip(avg, avg[1:]))
     return claims
 
+def serving_requests(cfg, arr):
+    """n_requests prompts from the test split, each with its real continuation -> (requests, conts)."""
+    rng, P = np.random.default_rng(cfg.seed), cfg.prompt_len
+    starts = rng.integers(0, len(arr) - P - cfg.gen_max, cfg.n_requests)
+    lens = rng.integers(cfg.gen_min, cfg.gen_max + 1, cfg.n_requests)
+    piece = lambda a, b: torch.from_numpy(arr[a:b].astype(np.int64))
+    return [(piece(s, s + P), int(n)) for s, n in zip(starts, lens)], \
+        [piece(s + P, s + P + n) for s, n in zip(starts, lens)]
+
+def spread(xs):  # median and range of per-round figures
+    return {"median": float(np.median(xs)), "min": float(min(xs)), "max": float(max(xs))}
+
 def throughput(cfg, full, rec, arr, tau, device, log):
-    """Same requests, same hardware: full model (static, CSB) vs recursive CDB (no exit, oracle, confidence;
-    best of 3 each), beside the paper's simulator (measured step times x oracle exit trajectories)."""
-    rng = np.random.default_rng(cfg.seed)
-    reqs = [(torch.from_numpy(arr[s:s + cfg.prompt_len].astype(np.int64)), int(rng.integers(cfg.gen_min, cfg.gen_max + 1)))
-            for s in rng.integers(0, len(arr) - cfg.prompt_len, cfg.n_requests)]
-    serve(full, reqs[:2], 2, device), serve(rec, reqs[:2], 2, device)  # warm-up (allocator, kernels)
-    best = lambda m, **kw: max((serve(m, reqs, cfg.max_batch, device, **kw) for _ in range(3)), key=lambda r: r["tok_per_s"])
-    res = {"full_static": best(full, refill="static"), "full_csb": best(full), "cdb_no_exit": best(rec)}
-    sched = trajectory_exits(rec, reqs, res["cdb_no_exit"]["tokens"], device)
-    res["cdb_oracle"] = best(rec, exit_mode="oracle", schedule=sched, kv_fill=cfg.kv_fill)
-    res["cdb_confidence"] = best(rec, exit_mode="confidence", tau=tau, kv_fill=cfg.kv_fill)
+    """The serving benchmark: the same requests through the full model (static batching, CSB) and
+    the recursive model (CDB without exits, with oracle exits from real text, with confidence
+    exits), interleaved over bench_rounds rounds; one profiled round per scheduler for the time
+    per phase; and the paper's simulator (measured step times x the same exit trajectories)."""
+    reqs, conts = serving_requests(cfg, arr)
+    sched = trajectory_exits(rec, reqs, conts, device)
+    kinds = {"full_static": (full, dict(refill="static")), "full_csb": (full, {}), "cdb_no_exit": (rec, {}),
+             "cdb_oracle": (rec, dict(exit_mode="oracle", schedule=sched, kv_fill=cfg.kv_fill)),
+             "cdb_confidence": (rec, dict(exit_mode="confidence", tau=tau, kv_fill=cfg.kv_fill))}
+    for m in (full, rec):
+        serve(m, reqs[:2], 2, device)  # warm-up (allocator, kernels)
+    runs, t0 = {k: [] for k in kinds}, time.perf_counter()
+    for r in range(cfg.bench_rounds):  # interleaved: a change of machine load hits every scheduler
+        for k, (m, kw) in kinds.items():
+            runs[k].append(serve(m, reqs, cfg.max_batch, device, **kw))
+        eta = (time.perf_counter() - t0) / (r + 1) * (cfg.bench_rounds - r)
+        print(f"serving round {r + 1}/{cfg.bench_rounds} | " + " | ".join(
+            f"{k} {v[-1]['tok_per_s']:.0f}" for k, v in runs.items()) + f" tok/s | eta {fmt_eta(eta)}")
+    phases = {k: serve(m, reqs, cfg.max_batch, device, profile=True, **kw)["phases_s"]
+              for k, (m, kw) in kinds.items()}
+    e2e = {k: [r["tok_per_s"] for r in v] for k, v in runs.items()}
+    dec = {k: [r["decode_tok_per_s"] for r in v] for k, v in runs.items()}
+    ratio = lambda m, a, b: spread([x / y for x, y in zip(m[a], m[b])])  # per round, then spread
+    pairs = [(a, b) for a in ("cdb_oracle", "cdb_confidence", "cdb_no_exit") for b in ("full_static", "full_csb")]
+    hist = runs["cdb_oracle"][0]["exit_hist"]
     same = lambda a, b: float(np.mean([x == y for ta, tb in zip(a, b) for x, y in zip(ta, tb)]))
-    th = {"measured": {k: round(v["tok_per_s"], 1) for k, v in res.items()},
-          # decode only (prefill time and each request's first token left out): the simulator's quantity
-          "measured_decode": {k: round(v["decode_tok_per_s"], 1) for k, v in res.items()},
-          "prefill_s": {k: round(v["prefill_s"], 4) for k, v in res.items()},
-          "kv_fill": cfg.kv_fill, "device": device, "n_requests": cfg.n_requests, "max_batch": cfg.max_batch,
-          "exit_hist_oracle": res["cdb_oracle"]["exit_hist"], "exit_hist_confidence": res["cdb_confidence"]["exit_hist"],
-          "token_agreement_with_full_model_csb": same(res["full_csb"]["tokens"], res["cdb_no_exit"]["tokens"]),
-          "token_agreement_oracle_vs_no_exit": same(res["cdb_oracle"]["tokens"], res["cdb_no_exit"]["tokens"])}
-    hist, mt = res["cdb_oracle"]["exit_hist"], th["measured"]
-    th.update(mean_exit_loop=sum((i + 1) * c for i, c in enumerate(hist)) / max(1, sum(hist)),
-              speedup_cdb_oracle_vs_static=mt["cdb_oracle"] / mt["full_static"],
-              speedup_cdb_oracle_vs_csb=mt["cdb_oracle"] / mt["full_csb"])
-    # ALGO LOGIC: the paper's simulator: measured block-pass times x exit trajectories
+    th = {"measured": {k: spread(v) for k, v in e2e.items()}, "measured_decode": {k: spread(v) for k, v in dec.items()},
+          "speedup": {f"{a}_vs_{b}": ratio(e2e, a, b) for a, b in pairs},
+          "speedup_decode": {f"{a}_vs_{b}": ratio(dec, a, b) for a, b in pairs},
+          "phases_s": phases, "rounds": cfg.bench_rounds, "kv_fill": cfg.kv_fill, "device": device,
+          "n_requests": cfg.n_requests, "max_batch": cfg.max_batch, "exit_hist_oracle": hist,
+          "exit_hist_confidence": runs["cdb_confidence"][0]["exit_hist"],
+          "mean_exit_loop": sum((i + 1) * c for i, c in enumerate(hist)) / max(1, sum(hist)),
+          "token_agreement_cdb_vs_full_csb": same(runs["full_csb"][0]["tokens"], runs["cdb_no_exit"][0]["tokens"]),
+          "token_agreement_oracle_vs_no_exit": same(runs["cdb_oracle"][0]["tokens"], runs["cdb_no_exit"][0]["tokens"])}
+    th.update(simulator(cfg, full, rec, reqs, sched, device))
+    log({"throughput": th})
+    print_throughput(cfg, th)
+    return th
+
+def simulator(cfg, full, rec, reqs, sched, device):
+    """ALGO LOGIC: the paper's simulator: measured block-pass times x the oracle exit trajectories,
+    the KV cache at the simulator's context, prompt + half the generation (mean over requests)."""
     bs = sorted({cfg.max_batch} | {2 ** i for i in range(int(math.log2(cfg.max_batch)) + 1)})
-    ctx = cfg.prompt_len + (cfg.gen_min + cfg.gen_max) // 2
+    ctx = cfg.prompt_len + round(np.mean([n for _, n in reqs]) / 2)
     t_full, t_block = step_times(full, bs, ctx, device), step_times(rec, bs, ctx, device)
     lengths = [n - 1 for _, n in reqs]
-    exits = [[sched[i][len(reqs[i][0]) + j] for j in range(lengths[i])] for i in range(len(reqs))]
+    exits = [[sched[i][len(p) + j] for j in range(lengths[i])] for i, (p, _) in enumerate(reqs)]
     sim = {k: simulate(lengths, e, t, cfg.max_batch, mode, r)[0] for k, e, t, mode, r in [
         ("full_static", None, t_full, "static", 1), ("full_csb", None, t_full, "csb", 1),
         ("cdb_no_exit", None, t_block, "cdb", rec.n_loops),
         ("cdb_oracle", exits, t_block, "cdb", rec.n_loops), ("ee_sync_no_cdb", exits, t_block, "ee_sync", 0)]}
-    th.update(simulated={k: round(v, 1) for k, v in sim.items()},
-              sim_speedup_cdb_oracle_vs_static=sim["cdb_oracle"] / sim["full_static"],
-              sim_speedup_cdb_oracle_vs_csb=sim["cdb_oracle"] / sim["full_csb"],
-              step_time_ms={n: {b: 1e3 * v for b, v in t.items()} for n, t in (("full", t_full), ("block", t_block))})
-    log({"throughput": th})
-    print("scheduler        measured tok/s (decode only) | simulated tok/s (decode steps, block time only)")
-    for k in list(mt) + ["ee_sync_no_cdb"]:
-        print(f"{k:16s} {mt.get(k, float('nan')):14.1f} ({th['measured_decode'].get(k, float('nan')):7.1f}) | "
-              f"{sim.get(k, float('nan')):14.1f}")
-    print(f"CDB + oracle exits: x{th['speedup_cdb_oracle_vs_static']:.2f} vs static, x{th['speedup_cdb_oracle_vs_csb']:.2f} "
-          f"vs CSB (simulator x{th['sim_speedup_cdb_oracle_vs_static']:.2f}, x{th['sim_speedup_cdb_oracle_vs_csb']:.2f}); "
-          f"mean exit loop {th['mean_exit_loop']:.2f}, histogram {hist}")
-    return th
+    monotonic = {n: all(t[a] <= t[b] for a, b in zip(bs, bs[1:])) for n, t in (("full", t_full), ("block", t_block))}
+    return {"simulated": {k: round(v, 1) for k, v in sim.items()}, "sim_context": ctx,
+            "sim_speedup_cdb_oracle_vs_static": sim["cdb_oracle"] / sim["full_static"],
+            "sim_speedup_cdb_oracle_vs_csb": sim["cdb_oracle"] / sim["full_csb"],
+            "step_time_ms": {n: {b: 1e3 * v for b, v in t.items()} for n, t in (("full", t_full), ("block", t_block))},
+            "step_times_monotonic": monotonic}
+
+def print_throughput(cfg, th):
+    tiny = " (tiny preset: timing noise at this size)" if cfg.preset == "tiny" else ""
+    f = lambda s, p=0: f"{s['median']:.{p}f} [{s['min']:.{p}f}, {s['max']:.{p}f}]"
+    print(f"serving{tiny}: {th['n_requests']} requests, {th['max_batch']} slots, kv_fill {th['kv_fill']}, "
+          f"{th['rounds']} interleaved rounds; tok/s median [min, max]")
+    print(f"{'scheduler':16s} {'end to end':>24s} {'decode only':>24s} {'simulated':>10s}")
+    for k in th["measured"]:
+        print(f"{k:16s} {f(th['measured'][k]):>24s} {f(th['measured_decode'][k]):>24s} "
+              f"{th['simulated'].get(k, float('nan')):10.1f}")
+    print(f"{'ee_sync_no_cdb':16s} {'':>24s} {'':>24s} {th['simulated']['ee_sync_no_cdb']:10.1f}")
+    for k in ("cdb_oracle_vs_full_static", "cdb_oracle_vs_full_csb"):
+        print(f"speedup {k}: end to end x{f(th['speedup'][k], 2)} | decode only x{f(th['speedup_decode'][k], 2)}")
+    print(f"simulator x{th['sim_speedup_cdb_oracle_vs_static']:.2f} vs static, x{th['sim_speedup_cdb_oracle_vs_csb']:.2f}"
+          f" vs CSB at context {th['sim_context']}; mean exit loop {th['mean_exit_loop']:.2f}, histogram "
+          f"{th['exit_hist_oracle']}")
+    for n, ok in th["step_times_monotonic"].items():
+        if not ok:
+            print(f"note: the measured {n} step times are not monotonic in batch size (a loaded machine?): "
+                  + " ".join(f"{b}:{t:.3f}" for b, t in th["step_time_ms"][n].items()) + " ms")
+    for k, ph in th["phases_s"].items():
+        tot = sum(ph.values())
+        print(f"phases {k:16s} " + " | ".join(f"{p} {100 * v / tot:.0f}%" for p, v in ph.items()) + f" of {tot:.3f} s")
 
 # -----------------------------------------------------------------------------
 # outputs
@@ -980,21 +1261,47 @@ def save_plots(summary, out):
     if th:
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         keys, x = list(th["measured"]), np.arange(len(th["measured"]))
-        ax.bar(x - 0.2, [th["measured"][k] for k in keys], 0.4, label="measured engine")
-        ax.bar(x + 0.2, [th["simulated"].get(k, 0) for k in keys], 0.4, label="simulator (block time)")
-        ax.set_xticks(x); ax.set_xticklabels(keys, fontsize=8); ax.legend(fontsize=8)
-        ax.set(ylabel="tokens / s", title=f"Greedy decoding throughput ({th['device']})")
-        fig.tight_layout(); fig.savefig(out / "throughput.png", dpi=110); plt.close(fig)
+        for off, (src, lab) in zip((-0.27, 0, 0.27), (("measured", "engine, end to end"),
+                                                       ("measured_decode", "engine, decode only"))):
+            med = [th[src][k]["median"] for k in keys]
+            err = [[m - th[src][k]["min"] for m, k in zip(med, keys)], [th[src][k]["max"] - m for m, k in zip(med, keys)]]
+            ax.bar(x + off, med, 0.27, yerr=err, capsize=2, label=lab)
+        ax.bar(x + 0.27, [th["simulated"].get(k, 0) for k in keys], 0.27, label="simulator (block time)")
+        ax.set_xticks(x)
+        ax.set_xticklabels(keys, fontsize=8)
+        ax.legend(fontsize=8)
+        ax.set(ylabel="tokens / s", title=f"Greedy decoding, median of {th['rounds']} rounds ({th['device']})")
+        fig.tight_layout()
+        fig.savefig(out / "throughput.png", dpi=110)
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))  # where the engine's time goes, per scheduler
+        keys, left = list(th["phases_s"]), np.zeros(len(th["phases_s"]))
+        for ph in dict.fromkeys(p for v in th["phases_s"].values() for p in v):
+            w = np.array([th["phases_s"][k].get(ph, 0.0) for k in keys])
+            ax.barh(keys, w, left=left, label=ph)
+            left += w
+        ax.invert_yaxis()
+        ax.legend(fontsize=8)
+        ax.set(xlabel="seconds (one profiled run)", title=f"Engine time per phase (kv_fill {th['kv_fill']})")
+        fig.tight_layout()
+        fig.savefig(out / "phases.png", dpi=110)
+        plt.close(fig)
 
 def main(argv=None):
-    cfg = parse_config(argv)
-    print(json.dumps(asdict(cfg)))
-    t0, summary = time.time(), run(cfg)
+    """The command line. A user mistake is one `error:` line on stderr and exit code 2."""
+    try:
+        cfg = parse_config(argv)
+        print(json.dumps(asdict(cfg)))
+        t0, summary = time.time(), run(cfg)
+    except (UsageError, data.DataError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print(f"\nstopped: finished stages are in {Path(cfg.out_dir) / 'ckpt'}; the same command "
+              f"continues from them", file=sys.stderr)
+        raise SystemExit(130)
     print(f"done in {fmt_eta(time.time() - t0)}")
     return summary
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    main()
