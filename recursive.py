@@ -831,9 +831,11 @@ class Engine:
 
     def next_token(self, s, tok, p):
         """Record the token chosen at position p; the slot moves on to p + 1, or frees."""
-        if self.owed(s) > 0:  # (a finished row of a static batch computes on; its tokens drop)
+        owed = self.owed(s)
+        if owed > 0:
             self.out[s.req].append(tok)
-        s.pos, s.loop, s.tok = p + 1, 0, tok
+        # a finished row of a static batch computes on, as padding at its last position
+        s.pos, s.loop, s.tok = p + 1 if owed > 0 else p, 0, tok
         if self.owed(s) == 0 and self.refill != "static":
             s.req, s.lazy = -1, []  # pending lazy rows are dropped: nothing reads them any more
 
