@@ -165,7 +165,9 @@ def autocast_ctx(device):  # the KV caches of the engine use the same dtype (amp
     return torch.autocast("cuda", dtype=torch.bfloat16) if amp_dtype(device) == torch.bfloat16 else nullcontext()
 
 def set_seed(seed):
-    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 sync = lambda device: torch.cuda.synchronize() if device == "cuda" else None  # queued GPU work done, then read a clock
 fmt_eta = lambda s: f"{int(s // 60)}m{int(s % 60):02d}s"
@@ -188,7 +190,7 @@ class LoRALinear(nn.Linear):
     Identical to the base layer when B = 0 or rank = 0 (then it holds only weight and bias)."""
     def __init__(self, fan_in, fan_out, bias, n_loops=1, rank=0):
         super().__init__(fan_in, fan_out, bias=bias)
-        self.rank = min(rank, fan_in, fan_out)  # cap at min(in, out): recursive.md Sec. 2.1
+        self.rank = min(rank, fan_in, fan_out)  # capped at min(in, out): docs/recursive.md, LoRA ranks
         if self.rank > 0:
             self.lora_A = nn.Parameter(torch.empty(n_loops, self.rank, fan_in))   # (R, r, in)
             self.lora_B = nn.Parameter(torch.zeros(n_loops, fan_out, self.rank))  # (R, out, r)
@@ -196,17 +198,23 @@ class LoRALinear(nn.Linear):
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
     def forward(self, x, loop=None):
-        y = super().forward(x)
+        """x (B, T, in); loop: None (no LoRA), an int, or one loop per row (B,) (the CDB engine)."""
+        y = super().forward(x)  # W' x + b
         if self.rank == 0 or loop is None:
             return y
-        if isinstance(loop, int):
+        if isinstance(loop, int):  # ALGO LOGIC (Eq. 3): W' x + B_l A_l x
             return y + (x @ self.lora_A[loop].t()) @ self.lora_B[loop].t()
-        # ALGO LOGIC: per-row loop (B,) (CDB engine): not a gather of one adapter per row, but ALL loops' A in one
-        # matmul (R r is small), the other loops' columns zeroed, then all B. EXERCISE: group rows by loop instead
+        return y + self.per_row_lora(x, loop)
+
+    def per_row_lora(self, x, loop):
+        """B_l A_l x with each row's own loop l = loop[i] (Eq. 3 per row). SPEED: instead of
+        gathering one adapter per row, ALL loops' A in one matmul (R r is small), the other loops'
+        columns zeroed, then all B; a test checks it against Eq. 3 row by row.
+        EXERCISE: group the rows by loop instead and time both with step_times."""
         R, r = self.lora_A.shape[:2]
         z = x @ self.lora_A.flatten(0, 1).t()                                       # (B, T, R r)
         keep = (loop[:, None] == torch.arange(R, device=x.device)).repeat_interleave(r, 1)  # (B, R r)
-        return y + (z * keep[:, None]) @ rearrange(self.lora_B, "R o r -> (R r) o")
+        return (z * keep[:, None]) @ rearrange(self.lora_B, "R o r -> (R r) o")    # (B, T, out)
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, n_loops=1, rank=0):
@@ -388,7 +396,7 @@ def load_full_checkpoint(path, vocab_size):
 
 def source_layers(init, N, K):
     """For each shared block k, the original layers it is made from (paper Sec. 2.2, Fig. 2)."""
-    if init == "stepwise":  # first and last kept, fixed intervals between: round(linspace) as in [MoR]
+    if init == "stepwise":  # first and last kept, fixed intervals between: round(linspace)
         return [[round(float(x))] for x in np.linspace(0, N - 1, K)]
     if init == "average":   # all layers tied to block k under CYCLE: k, k+K, ...
         return [list(range(k, N, K)) for k in range(K)]
@@ -399,7 +407,7 @@ def source_layers(init, N, K):
 @torch.no_grad()
 def convert(full, n_blocks, n_loops, init="stepwise", lora_rank=0, lora_init="svd"):
     """Full GPT -> GPT with n_blocks shared blocks x n_loops loops. Embeddings, ln_f and head are copied
-    (not for init=random: the reduced-size baseline is trained from scratch, notes §3); block k is
+    (not for init=random: the reduced-size baseline is trained from scratch, Sec. 3.1); block k is
     copied/averaged from source_layers; with LoRA, depth d's adapters are the truncated SVD of
     (W_d - W_shared) in fp32: B = U S, A = V^T (Eq. 4-5, no alpha/r factor)."""
     N, K, R = full.config.n_layer, n_blocks, n_loops
@@ -459,7 +467,7 @@ def parse_run(name, N, R):
 
 def kd_loss(s_logits, t_logits, temp=1.0):
     """Forward KL(p_teacher || p_student) at temperature temp (x temp^2), mean over tokens.
-    [MoR] uses -sum p_T log p_S, which differs by the teacher's entropy (a constant); KL is 0 at equality."""
+    The authors' later code uses -sum p_T log p_S: it differs by the teacher's entropy, a constant."""
     s, t = (F.log_softmax(z.float() / temp, -1) for z in (s_logits, t_logits))
     return (t.exp() * (t - s)).sum(-1).mean() * temp ** 2
 
@@ -473,7 +481,9 @@ def uptrain_loss(logits, targets, t_logits, kd_weight, temp):
         return ce if t_logits is None or kd_weight == 0 else (1 - kd_weight) * ce + kd_weight * kd_loss(logits, t_logits, temp)
     with torch.no_grad():
         t = F.log_softmax(t_logits.flatten(0, 1).float(), -1)
-        q = t.exp(); h = -(q * t).sum(-1).mean(); del t  # p_T (N, V) and H(p_T): the logged value stays CE + KL
+        q = t.exp()                   # p_T (N, V)
+        h = -(q * t).sum(-1).mean()   # H(p_T): the logged value stays CE + KL
+        del t
         q.mul_(kd_weight)[torch.arange(len(y), device=y.device), y] += 1 - kd_weight
     return F.cross_entropy(s, q) - kd_weight * h
 
@@ -556,7 +566,12 @@ def evaluate(model, arr, cfg, device, collect=False):
     also per-token (R, n) tensors: nll, max prob and 'argmax equals the last loop's argmax'."""
     model.eval()
     R, nll_sum, n, per = model.n_loops, torch.zeros(model.n_loops), 0, {"nll": [], "maxp": [], "agree": []}
+    total = min(len(arr) - 1, cfg.eval_tokens or len(arr))
+    t0 = t_print = time.perf_counter()
     for x, y in data.iter_eval_batches(arr, cfg.eval_batch_size, model.config.block_size, device):
+        if time.perf_counter() - t_print > 10:  # no phase silent for more than ~10 s
+            t_print, done = time.perf_counter(), n / max(total, 1)
+            print(f"  eval {n:,}/{total:,} tokens | eta {fmt_eta((t_print - t0) * (1 - done) / max(done, 1e-9))}")
         with autocast_ctx(device):
             outs, _ = model(x, all_exits=True)
         lp = torch.stack([o.float().log_softmax(-1) for o in outs]).flatten(1, 2)  # (R, B*T, V)
@@ -584,8 +599,8 @@ def confidence_exits(maxp, tau):
     return oracle_exits(torch.cat([maxp[:-1] >= tau, maxp[-1:] >= 0]))  # the last loop always exits
 
 def calibrate_tau(maxp, agree, target):
-    """Smallest tau (most exits) whose exits agree with the last loop on >= target of ALL tokens (notes §10;
-    §4.2's "of the exits" is stricter). EXERCISE: calibrate the top-1 - top-2 margin, or CALM's saturation."""
+    """Smallest tau (most exits) whose exits agree with the last loop on >= target of ALL tokens
+    (docs/recursive.md, "Confidence exits"). EXERCISE: calibrate the top-1 - top-2 margin instead."""
     n = agree.shape[1]
     sub = maxp[:-1, ::max(1, n * (maxp.shape[0] - 1) // 100_000)]  # <= ~100k values from every early loop
     cands = torch.quantile(sub.flatten(), torch.linspace(0, 1, 101)).tolist() + [1.01]
@@ -1236,7 +1251,8 @@ def finish(cfg, summary, out):
     return summary
 
 def save_plots(summary, out):
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = summary["results"]
     if rows:  # the paper's Pareto picture: perplexity vs non-embedding parameters
@@ -1249,7 +1265,9 @@ def save_plots(summary, out):
         ax.plot(*zip(*avg), color="C1", lw=1) if avg else None  # the relaxed frontier
         ax.set(xlabel="non-embedding parameters (M)", ylabel="validation perplexity",
                title="Recursive / relaxed vs full and reduced models")
-        fig.tight_layout(); fig.savefig(out / "pareto.png", dpi=110); plt.close(fig)
+        fig.tight_layout()
+        fig.savefig(out / "pareto.png", dpi=110)
+        plt.close(fig)
     ee, th = summary["early_exit"], summary["throughput"]
     if ee:
         fig, ax = plt.subplots(figsize=(5, 3.4))
@@ -1258,8 +1276,11 @@ def save_plots(summary, out):
             hst = np.array(ee[k]["hist"]) / max(1, sum(ee[k]["hist"]))
             ax.bar(np.arange(1, R + 1) + 0.2 * (2 * j - 1), hst, width=0.4, label=lab)
         ax.set(xlabel="exit loop", ylabel="fraction of test tokens", title=f"Exit histogram ({ee['model']})")
-        ax.set_xticks(range(1, R + 1)); ax.legend()
-        fig.tight_layout(); fig.savefig(out / "exit_hist.png", dpi=110); plt.close(fig)
+        ax.set_xticks(range(1, R + 1))
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "exit_hist.png", dpi=110)
+        plt.close(fig)
     if th:
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         keys, x = list(th["measured"]), np.arange(len(th["measured"]))

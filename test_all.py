@@ -576,12 +576,18 @@ def test_recursive_gpt2_matches_transformers():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     hc = transformers.GPT2Config(vocab_size=97, n_positions=48, n_embd=32, n_layer=3, n_head=2,
-                                 activation_function="gelu_new", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+                                 activation_function="gelu_new", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+                                 initializer_range=0.2)  # large weights: an erf GELU would miss by 1e-3
     hf = transformers.GPT2LMHeadModel(hc).eval()
     ours = RR.GPT(RR.GPTConfig(block_size=48, vocab_size=97, n_layer=3, n_head=2, n_embd=32)).eval()
     ours.load_state_dict(RR.gpt2_to_nanogpt(hf.state_dict()))
     with torch.no_grad():
         assert torch.allclose(ours(idx := torch.randint(0, 97, (2, 20)))[0], hf(idx).logits, atol=1e-4)
+
+def test_recursive_mlp_uses_gpt2_tanh_gelu():  # HF's gelu_new; also checked above when transformers is present
+    x = torch.linspace(-4, 4, 101)
+    want = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    assert torch.allclose(_rr_gpt().transformer.h[0].mlp.gelu(x), want, atol=1e-6)
 
 def test_recursive_distillation_zero_when_student_equals_teacher():
     a, b, y = torch.randn(2, 5, 11), torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
