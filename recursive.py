@@ -49,18 +49,18 @@ class Config:
     tokenizer: str = "gpt2"       # gpt2 (tiktoken) | char
     data_dir: str = ""            # '' = data.DATA_DIR (<repo>/data)
     # full model (init_from=gpt2 or a checkpoint path brings its own shape)
-    init_from: str = "pretrain"   # pretrain (train it here, cached) | gpt2[-medium|-large|-xl] | path/to/ckpt.pt
+    init_from: str = "pretrain"   # pretrain (here, cached) | gpt2[-medium|-large|-xl] | a ckpt.pt
     n_layer: int = 12             # N, depth of the full model
     n_head: int = 6               # attention heads; n_embd must divide by it
     n_embd: int = 384             # C; 384 keeps the default study inside ~5 H100 minutes
     block_size: int = 256         # context length T
-    dropout: float = 0.1          # PTB is small (~1.2M GPT-2 tokens): some dropout against overfitting
+    dropout: float = 0.1          # PTB is small (~1.2M GPT-2 tokens): some dropout
     bias: bool = True             # biases in linear layers and LayerNorms (GPT-2 has them)
     # recursion / relaxation of the main model (early-exit trained, served by the CDB engine)
     n_loops: int = 2              # R (the paper's B); K = n_layer // n_loops shared blocks
     init: str = "stepwise"        # stepwise | average | lower | random
-    lora_rank: int = 0            # 0 = plain recursive; each matrix's rank is capped at min(in, out)
-    lora_init: str = "svd"        # svd (truncated SVD of the residual, Eq. 4-5) | zero (B = 0 ablation)
+    lora_rank: int = 0            # 0 = plain recursive; capped per matrix at min(in, out)
+    lora_init: str = "svd"        # svd (SVD of the residual, Eq. 4-5) | zero (B = 0 ablation)
     # the study
     runs: str = STUDY_RUNS        # comma list of study rows (names: parse_run)
     # training
@@ -77,21 +77,21 @@ class Config:
     kd_temp: float = 1.0          # distillation temperature
     # early exit (post-training after uptraining, Sec. 3.7)
     ee_iters: int = 100           # ~1/3 of the uptraining tokens
-    ee_weight: float = 0.1        # weight of each earlier loop's CE + self-distillation ("Agg 0.1 + KD")
-    conf_agree: float = 0.95      # confidence exits: tau calibrated on val for this agreement with the last loop
+    ee_weight: float = 0.1        # weight of each earlier loop's CE + self-distillation (Agg 0.1)
+    conf_agree: float = 0.95      # confidence exits: tau set on val for this agreement with the last
     # serving (CDB engine vs static / continuous sequence batching)
     n_requests: int = 128         # requests served (prompts from the test split)
     max_batch: int = 32           # slots
     prompt_len: int = 32          # prompt tokens per request
     gen_min: int = 16             # new tokens per request ~ uniform[gen_min, gen_max]
     gen_max: int = 192            # prompt_len + gen_max <= block_size
-    kv_fill: str = "exact"        # exited tokens' KV at skipped depths: exact (run lazily) | propagate | full
-    bench_rounds: int = 5         # serving benchmark: interleaved rounds of every scheduler (median, range)
+    kv_fill: str = "exact"        # exited tokens' skipped KV: exact (run lazily) | propagate | full
+    bench_rounds: int = 5         # serving benchmark: interleaved rounds (median and range)
     # eval / system
     eval_tokens: int = 0          # cap per split for perplexity (0 = whole split)
     eval_batch_size: int = 8      # sequences per evaluation batch
     log_interval: int = 50        # steps between progress lines
-    stage: str = "all"            # last stage to run: pretrain | study | early_exit | all (+ throughput)
+    stage: str = "all"            # last stage: pretrain | study | early_exit | all (+ serving)
     preset: str = ""              # '' | tiny (CPU, under a minute)
     device: str = "auto"          # auto | cpu | cuda | mps
     seed: int = 1337              # every RNG; the same seed gives the same run on one machine
@@ -169,7 +169,8 @@ def set_seed(seed):
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-sync = lambda device: torch.cuda.synchronize() if device == "cuda" else None  # queued GPU work done, then read a clock
+# queued GPU work done, then read a clock
+sync = lambda device: torch.cuda.synchronize() if device == "cuda" else None
 fmt_eta = lambda s: f"{int(s // 60)}m{int(s % 60):02d}s"
 
 # -----------------------------------------------------------------------------
@@ -190,7 +191,8 @@ class LoRALinear(nn.Linear):
     Identical to the base layer when B = 0 or rank = 0 (then it holds only weight and bias)."""
     def __init__(self, fan_in, fan_out, bias, n_loops=1, rank=0):
         super().__init__(fan_in, fan_out, bias=bias)
-        self.rank = min(rank, fan_in, fan_out)  # capped at min(in, out): docs/recursive.md, LoRA ranks
+        # capped at min(in, out): docs/recursive.md, LoRA ranks
+        self.rank = min(rank, fan_in, fan_out)
         if self.rank > 0:
             self.lora_A = nn.Parameter(torch.empty(n_loops, self.rank, fan_in))   # (R, r, in)
             self.lora_B = nn.Parameter(torch.zeros(n_loops, fan_out, self.rank))  # (R, out, r)
@@ -213,7 +215,8 @@ class LoRALinear(nn.Linear):
         EXERCISE: group the rows by loop instead and time both with step_times."""
         R, r = self.lora_A.shape[:2]
         z = x @ self.lora_A.flatten(0, 1).t()                                       # (B, T, R r)
-        keep = (loop[:, None] == torch.arange(R, device=x.device)).repeat_interleave(r, 1)  # (B, R r)
+        hot = loop[:, None] == torch.arange(R, device=x.device)                   # (B, R)
+        keep = hot.repeat_interleave(r, 1)                                         # (B, R r)
         return (z * keep[:, None]) @ rearrange(self.lora_B, "R o r -> (R r) o")    # (B, T, out)
 
 class CausalSelfAttention(nn.Module):
@@ -227,8 +230,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, loop=None, cache=None):
         q, k, v = self.c_attn(x, loop).split(self.n_embd, dim=2)
-        B, T, C = x.shape  # view/transpose, not einops: einops costs ~3 us per call in the decode loop
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # view/transpose, not einops: einops costs ~3 us per call in the decode loop
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         # KV-cache hook from the engine: store this step's k, v; read all past ones (and their mask)
         k, v, mask = (k, v, None) if cache is None else cache(k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -292,7 +296,8 @@ class GPT(nn.Module):
 
     def embed(self, idx, pos=None):
         pos = torch.arange(idx.size(1), device=idx.device) if pos is None else pos
-        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        return self.transformer.drop(x)
 
     def head(self, x):
         return self.lm_head(self.transformer.ln_f(x))  # every exit shares ln_f + lm_head (Sec. 3.7)
@@ -402,7 +407,8 @@ def source_layers(init, N, K):
         return [list(range(k, N, K)) for k in range(K)]
     if init == "lower":
         return [[k] for k in range(K)]
-    return [[] for _ in range(K)]  # random: fresh init. EXERCISE: add 'upper' (last K) and SEQUENCE (d // R)
+    # random: fresh init. EXERCISE: add 'upper' (last K) and SEQUENCE (d // R)
+    return [[] for _ in range(K)]
 
 @torch.no_grad()
 def convert(full, n_blocks, n_loops, init="stepwise", lora_rank=0, lora_init="svd"):
@@ -428,7 +434,8 @@ def convert(full, n_blocks, n_loops, init="stepwise", lora_rank=0, lora_init="sv
                 if not isinstance(m, LoRALinear) or m.rank == 0:
                     continue
                 for loop in range(R):  # ALGO LOGIC: residual of depth d = loop * K + k
-                    W = src[f"transformer.h.{loop * K + k}.{mname}.weight"].float().cpu()  # (out, in)
+                    # the original weight of depth d, (out, in)
+                    W = src[f"transformer.h.{loop * K + k}.{mname}.weight"].float().cpu()
                     res = W - m.weight.float().cpu()
                     if not res.any():  # the depth's own layer is the shared one: keep the random
                         continue       # A and zero B of standard LoRA (App. C)
@@ -475,7 +482,8 @@ def uptrain_loss(logits, targets, t_logits, kd_weight, temp):
     """(1 - lambda) CE + lambda FKL from the full model (Sec. 3.6; lambda, T are not given by the paper).
     At T = 1 that is ONE cross-entropy against the mixed target q = (1 - lambda) onehot(y) + lambda p_T,
     minus lambda H(p_T), a constant: one (N, V) student log-softmax instead of two (1.8x faster on CPU)."""
-    s, y = logits.flatten(0, 1).float(), targets.flatten()  # (N, V), (N,) token ids (no ignore_index)
+    # (N, V), (N,) token ids (no ignore_index)
+    s, y = logits.flatten(0, 1).float(), targets.flatten()
     if t_logits is None or kd_weight == 0 or temp != 1:
         ce = F.cross_entropy(s, y)
         return ce if t_logits is None or kd_weight == 0 else (1 - kd_weight) * ce + kd_weight * kd_loss(logits, t_logits, temp)
@@ -515,7 +523,8 @@ def train(model, train_arr, cfg, device, iters, lr, teacher=None, ee=False, name
     """AdamW + warmup/cosine on random windows; KD from `teacher` when given; early-exit loss if ee."""
     model.train()
     groups = [{"params": [p for p in model.parameters() if (p.dim() >= 2) == d],
-               "weight_decay": cfg.weight_decay if d else 0.0} for d in (True, False)]  # no decay on norms/biases
+               # no decay on norms/biases
+               "weight_decay": cfg.weight_decay if d else 0.0} for d in (True, False)]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
     fwd = torch.compile(model) if cfg.compile else model  # save `model` (the raw module), never fwd
     gen = torch.Generator().manual_seed(cfg.seed)  # every run sees the same token windows
@@ -602,7 +611,8 @@ def calibrate_tau(maxp, agree, target):
     """Smallest tau (most exits) whose exits agree with the last loop on >= target of ALL tokens
     (docs/recursive.md, "Confidence exits"). EXERCISE: calibrate the top-1 - top-2 margin instead."""
     n = agree.shape[1]
-    sub = maxp[:-1, ::max(1, n * (maxp.shape[0] - 1) // 100_000)]  # <= ~100k values from every early loop
+    # <= ~100k values from every early loop
+    sub = maxp[:-1, ::max(1, n * (maxp.shape[0] - 1) // 100_000)]
     cands = torch.quantile(sub.flatten(), torch.linspace(0, 1, 101)).tolist() + [1.01]
     for tau in sorted(set(cands)):
         if agree[confidence_exits(maxp, tau) - 1, torch.arange(n)].float().mean() >= target:
@@ -610,7 +620,8 @@ def calibrate_tau(maxp, agree, target):
 
 def exit_stats(res, exits):
     """Exit rate, mean exit loop, histogram, agreement and perplexity of a per-token exit choice."""
-    R, agree = res["agree"].shape[0], res["agree"].gather(0, exits[None] - 1)[0].float()  # (n,) at each exit loop
+    # (n,) at each exit loop
+    R, agree = res["agree"].shape[0], res["agree"].gather(0, exits[None] - 1)[0].float()
     return {"exit_rate": (exits < R).float().mean().item(), "mean_exit_loop": exits.float().mean().item(),
             "hist": torch.bincount(exits - 1, minlength=R).tolist(),
             "agreement": agree.mean().item(),  # of all tokens (those at loop R agree)
@@ -638,11 +649,13 @@ class Slot:
     """The state of one engine slot: its request and the token (or prompt) in flight."""
     def __init__(self):
         self.req = -1     # request index; -1 = free
-        self.prompt = 0   # > 0: the request's prompt (this many tokens) is in flight as prefill rows
+        # > 0: the request's prompt (this many tokens) is in flight as prefill rows
+        self.prompt = 0
         self.pos = 0      # position of the token in flight = its cache column
         self.loop = 0     # the loop it runs next (0-based)
         self.tok = 0      # its input when loop == 0: the token, embedded ...
-        self.src = 0      # ... else: this row of the previous pass's output (the first of a prompt's)
+        # ... else: this row of the previous pass's output (the first of a prompt's)
+        self.src = 0
         self.lazy = []    # kv_fill=exact: [pos, loop, src] of skipped loops due in the next pass
 
 class PhaseTimer:
@@ -1027,10 +1040,12 @@ def resolve_full(cfg, data_dir):
                "wd": cfg.weight_decay}
     if (gcfg.n_layer, gcfg.n_head, gcfg.n_embd) != (cfg.n_layer, cfg.n_head, cfg.n_embd):
         print(f"the full model is {gcfg.n_layer} x {gcfg.n_embd} ({gcfg.n_head} heads) ({cfg.init_from}): using it")
-        cfg.n_layer, cfg.n_head, cfg.n_embd = gcfg.n_layer, gcfg.n_head, gcfg.n_embd  # config.json tells the truth
+        # config.json tells the truth
+        cfg.n_layer, cfg.n_head, cfg.n_embd = gcfg.n_layer, gcfg.n_head, gcfg.n_embd
         check_config(cfg)
     gcfg.block_size = min(gcfg.block_size, cfg.block_size)  # train/eval context: cut wpe rows
-    if cfg.prompt_len + cfg.gen_max > gcfg.block_size:  # a short-context checkpoint: fail now, not after training
+    # a short-context checkpoint: fail now, not after training
+    if cfg.prompt_len + cfg.gen_max > gcfg.block_size:
         raise UsageError(f"prompt_len + gen_max = {cfg.prompt_len + cfg.gen_max} exceeds the model's context "
                          f"{gcfg.block_size} ({cfg.init_from})")
     if full_sd is not None:
@@ -1087,7 +1102,8 @@ def run(cfg):
                 m, tr, cfg, device, cfg.uptrain_iters, cfg.lr, teacher=full, name=name, log=log)}
         m = models[name] = full if name == "full_pretrained" else cached(cfg, name, {**key, "run": name}, device, build)
         v, t = evaluate(m, va, cfg, device), evaluate(m, te, cfg, device, collect=name == main_name)
-        before = t if name == main_name else before  # the main model before early-exit training (kept)
+        # the main model before early-exit training (kept)
+        before = t if name == main_name else before
         row = {"name": name, "non_emb_params": m.num_params(), "blocks": K, "loops": loops, "init": init,
                "lora_rank": rank, "lora_init": linit if rank else None, "val_ppl": v["ppl"], "test_ppl": t["ppl"],
                "uptrain_tokens": cfg.uptrain_iters * cfg.batch_size * m.config.block_size * (name != "full_pretrained")}
