@@ -669,11 +669,11 @@ class PhaseTimer:
             now = time.perf_counter()
             self.s[phase], self.t = self.s.get(phase, 0.0) + now - self.t, now
 
-def block_pass(model, x, slot, pos, loop, kf, vf, timer):
+def block_pass(model, x, slot, pos, loop, L, kf, vf, timer):
     """ALGO LOGIC: one pass of the K shared blocks; row i runs loop[i] with that depth's LoRA and
-    reads / writes its cache rows (loop K + k) S + slot at column pos. x (n, 1, C) -> (n, 1, C)."""
+    reads / writes its cache rows (loop K + k) S + slot at column pos. x (n, 1, C) -> (n, 1, C).
+    L > max(pos): the live context (the empty tail of the cache is never read)."""
     K, S = model.config.n_layer, kf.size(0) // (model.config.n_layer * model.n_loops)
-    L = int(pos.max()) + 1  # live context: the empty tail of the cache is never read
     mask = (torch.arange(L, device=x.device)[None] <= pos[:, None])[:, None, None]  # (n, 1, 1, L)
 
     def hook_for(rows):  # attention hook: store this pass's k, v (n, nh, 1, hs), return the past
@@ -690,19 +690,20 @@ def block_pass(model, x, slot, pos, loop, kf, vf, timer):
     timer.mark("blocks")
     return x
 
-def fill_skipped_kv(model, x, slot, pos, done, kf, vf, kv_fill, timer):
-    """Exited tokens (`done` loops run, < R) owe K/V at the depths they skip. propagate: copy the
-    exited state up (CALM) through each skipped depth's ln_1 + c_attn (+ LoRA); full: run the
-    skipped loops now. x (m, 1, C). kv_fill=exact runs them lazily instead (Engine.update)."""
+def fill_skipped_kv(model, x, slot, pos, done, L, kf, vf, kv_fill, timer):
+    """Exited tokens (done: a list of the loops each ran, < R) owe K/V at the depths they skip.
+    propagate: copy the exited state up (CALM) through each skipped depth's ln_1 + c_attn (+ its
+    LoRA); full: run the skipped loops now. x (m, 1, C). (kv_fill=exact: see Engine.update.)"""
     K, R, C = model.config.n_layer, model.n_loops, model.config.n_embd
     S, nh = kf.size(0) // (K * R), model.config.n_head
     for lq in range(1, R):
-        sel = (done <= lq).nonzero()[:, 0]  # the tokens that skip loop lq
-        if len(sel) == 0:
+        sel = [i for i, d in enumerate(done) if d <= lq]  # the tokens that skip loop lq
+        if not sel:
             continue
+        sel = torch.tensor(sel, device=x.device)
         s, p, lp = slot[sel], pos[sel], torch.full_like(sel, lq)
         if kv_fill == "full":
-            x[sel] = block_pass(model, x[sel], s, p, lp, kf, vf, timer)
+            x[sel] = block_pass(model, x[sel], s, p, lp, L, kf, vf, timer)
             continue
         for k, blk in enumerate(model.transformer.h):
             kv = blk.attn.c_attn(blk.ln_1(x[sel]), lp)[:, 0, C:]  # (m', 2C): this depth's k, v
@@ -786,7 +787,8 @@ class Engine:
         slot, pos, loop, inp = t.unbind(1)
         x = self.inputs(pos, loop, inp)
         self.timer.mark("rows + embed")
-        x = self.prev = block_pass(self.model, x, slot, pos, loop, self.kf, self.vf, self.timer)
+        L = max(r[1] for r in rows) + 1  # from the host's copy: no device read
+        x = self.prev = block_pass(self.model, x, slot, pos, loop, L, self.kf, self.vf, self.timer)
         emit, ask = self.exits(who, rows)
         heads = list(emit) + ask
         vals = self.head(x, heads) if heads else []
@@ -798,8 +800,8 @@ class Engine:
         n_dec, exited = self.update(who, rows, emit, toks)
         self.timer.mark("bookkeeping")
         if exited and self.kv_fill != "exact":
-            e = torch.tensor(exited, device=self.device)  # (m, 2): row, loops done
-            fill_skipped_kv(self.model, x[e[:, 0]], slot[e[:, 0]], pos[e[:, 0]], e[:, 1],
+            e = torch.tensor([j for j, _ in exited], device=self.device)
+            fill_skipped_kv(self.model, x[e], slot[e], pos[e], [d for _, d in exited], L,
                             self.kf, self.vf, self.kv_fill, self.timer)
         self.steps += 1
         return any(kind == "prefill" for kind, _ in who), n_dec
