@@ -319,7 +319,8 @@ class GPT(nn.Module):
 def generate(model, idx, max_new_tokens):
     """Plain greedy decoding without a KV cache (the reference the CDB engine must match)."""
     for _ in range(max_new_tokens):  # logits (B, T, V): append the last position's argmax
-        idx = torch.cat([idx, model(idx[:, -model.config.block_size:])[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+        logits = model(idx[:, -model.config.block_size:])[0]
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return idx
 
 # -----------------------------------------------------------------------------
@@ -332,7 +333,8 @@ def parse_safetensors(raw):
     dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     def tensor(info):
         a, b = info["data_offsets"]
-        return torch.frombuffer(bytearray(raw[base + a:base + b]), dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+        flat = torch.frombuffer(bytearray(raw[base + a:base + b]), dtype=dtypes[info["dtype"]])
+        return flat.reshape(info["shape"])
     return {name: tensor(info).float() for name, info in header.items() if name != "__metadata__"}
 
 def gpt2_to_nanogpt(sd):
@@ -486,7 +488,9 @@ def uptrain_loss(logits, targets, t_logits, kd_weight, temp):
     s, y = logits.flatten(0, 1).float(), targets.flatten()
     if t_logits is None or kd_weight == 0 or temp != 1:
         ce = F.cross_entropy(s, y)
-        return ce if t_logits is None or kd_weight == 0 else (1 - kd_weight) * ce + kd_weight * kd_loss(logits, t_logits, temp)
+        if t_logits is None or kd_weight == 0:
+            return ce
+        return (1 - kd_weight) * ce + kd_weight * kd_loss(logits, t_logits, temp)
     with torch.no_grad():
         t = F.log_softmax(t_logits.flatten(0, 1).float(), -1)
         q = t.exp()                   # p_T (N, V)
@@ -531,9 +535,10 @@ def train(model, train_arr, cfg, device, iters, lr, teacher=None, ee=False, name
     T, C, depth = model.config.block_size, model.config.n_embd, model.config.n_layer * model.n_loops
     # FLOPs/token (PaLM / nanoGPT): 6 x weights that run (looped blocks count R times; wpe excluded)
     # + attention, + 2 x the teacher's weights for its forward pass
-    shared = model.num_params() - sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)  # LoRA: once
-    n_flop = 6 * (model.num_params(False) - model.transformer.wpe.weight.numel() + shared * (model.n_loops - 1)) \
-        + 12 * depth * C * T + 2 * (teacher.num_params(False) if teacher else 0)
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)  # each LoRA runs once
+    shared = model.num_params() - lora
+    weights = model.num_params(False) - model.transformer.wpe.weight.numel() + shared * (model.n_loops - 1)
+    n_flop = 6 * weights + 12 * depth * C * T + 2 * (teacher.num_params(False) if teacher else 0)
     peak, hist, t_log, it_log = peak_flops(cfg, device), [], time.perf_counter(), -1
     for it in range(iters):
         for g in opt.param_groups:
@@ -1102,13 +1107,17 @@ def run(cfg):
             print(f"{name}: {full.num_params() / 1e6:.2f}M -> {m.num_params() / 1e6:.2f}M non-embedding parameters")
             return m, {"step": cfg.uptrain_iters, "history": train(
                 m, tr, cfg, device, cfg.uptrain_iters, cfg.lr, teacher=full, name=name, log=log)}
-        m = models[name] = full if name == "full_pretrained" else cached(cfg, name, {**key, "run": name}, device, build)
+        if name == "full_pretrained":
+            m = models[name] = full
+        else:
+            m = models[name] = cached(cfg, name, {**key, "run": name}, device, build)
         v, t = evaluate(m, va, cfg, device), evaluate(m, te, cfg, device, collect=name == main_name)
         # the main model before early-exit training (kept)
         before = t if name == main_name else before
         row = {"name": name, "non_emb_params": m.num_params(), "blocks": K, "loops": loops, "init": init,
                "lora_rank": rank, "lora_init": linit if rank else None, "val_ppl": v["ppl"], "test_ppl": t["ppl"],
-               "uptrain_tokens": cfg.uptrain_iters * cfg.batch_size * m.config.block_size * (name != "full_pretrained")}
+               "uptrain_tokens": cfg.uptrain_iters * cfg.batch_size * m.config.block_size
+               * (name != "full_pretrained")}
         if loops > 1:
             row["loop_val_ppl"], row["loop_test_ppl"] = v["loop_ppl"], t["loop_ppl"]
         summary["results"].append(row)
@@ -1141,7 +1150,8 @@ def run(cfg):
     f = lambda xs: " ".join(f"{q:.2f}" for q in xs)
     print(f"early exit: test ppl per loop {f(rt['loop_ppl'])} (before EE training {f(before['loop_ppl'])}) | "
           f"oracle exit rate {ee['oracle']['exit_rate']:.3f} | confidence exits (tau {tau:.3f}) rate "
-          f"{ee['confidence']['exit_rate']:.3f}, agreement {ee['confidence']['agreement']:.3f}, ppl {ee['confidence']['ppl']:.2f}")
+          f"{ee['confidence']['exit_rate']:.3f}, agreement {ee['confidence']['agreement']:.3f}, "
+          f"ppl {ee['confidence']['ppl']:.2f}")
     if cfg.stage == "all":
         summary["throughput"] = throughput(cfg, models.get("full", full), ee_model, te, tau, device, log)
     return finish(cfg, summary, out)
@@ -1204,18 +1214,22 @@ def throughput(cfg, full, rec, arr, tau, device, log):
     e2e = {k: [r["tok_per_s"] for r in v] for k, v in runs.items()}
     dec = {k: [r["decode_tok_per_s"] for r in v] for k, v in runs.items()}
     ratio = lambda m, a, b: spread([x / y for x, y in zip(m[a], m[b])])  # per round, then spread
-    pairs = [(a, b) for a in ("cdb_oracle", "cdb_confidence", "cdb_no_exit") for b in ("full_static", "full_csb")]
+    pairs = [(a, b) for a in ("cdb_oracle", "cdb_confidence", "cdb_no_exit")
+             for b in ("full_static", "full_csb")]
     hist = runs["cdb_oracle"][0]["exit_hist"]
     same = lambda a, b: float(np.mean([x == y for ta, tb in zip(a, b) for x, y in zip(ta, tb)]))
-    th = {"measured": {k: spread(v) for k, v in e2e.items()}, "measured_decode": {k: spread(v) for k, v in dec.items()},
+    th = {"measured": {k: spread(v) for k, v in e2e.items()},
+          "measured_decode": {k: spread(v) for k, v in dec.items()},
           "speedup": {f"{a}_vs_{b}": ratio(e2e, a, b) for a, b in pairs},
           "speedup_decode": {f"{a}_vs_{b}": ratio(dec, a, b) for a, b in pairs},
           "phases_s": phases, "rounds": cfg.bench_rounds, "kv_fill": cfg.kv_fill, "device": device,
           "n_requests": cfg.n_requests, "max_batch": cfg.max_batch, "exit_hist_oracle": hist,
           "exit_hist_confidence": runs["cdb_confidence"][0]["exit_hist"],
           "mean_exit_loop": sum((i + 1) * c for i, c in enumerate(hist)) / max(1, sum(hist)),
-          "token_agreement_cdb_vs_full_csb": same(runs["full_csb"][0]["tokens"], runs["cdb_no_exit"][0]["tokens"]),
-          "token_agreement_oracle_vs_no_exit": same(runs["cdb_oracle"][0]["tokens"], runs["cdb_no_exit"][0]["tokens"])}
+          "token_agreement_cdb_vs_full_csb": same(runs["full_csb"][0]["tokens"],
+                                                  runs["cdb_no_exit"][0]["tokens"]),
+          "token_agreement_oracle_vs_no_exit": same(runs["cdb_oracle"][0]["tokens"],
+                                                    runs["cdb_no_exit"][0]["tokens"])}
     th.update(simulator(cfg, full, rec, reqs, sched, device))
     log({"throughput": th})
     print_throughput(cfg, th)
@@ -1233,11 +1247,12 @@ def simulator(cfg, full, rec, reqs, sched, device):
         ("full_static", None, t_full, "static", 1), ("full_csb", None, t_full, "csb", 1),
         ("cdb_no_exit", None, t_block, "cdb", rec.n_loops),
         ("cdb_oracle", exits, t_block, "cdb", rec.n_loops), ("ee_sync_no_cdb", exits, t_block, "ee_sync", 0)]}
-    monotonic = {n: all(t[a] <= t[b] for a, b in zip(bs, bs[1:])) for n, t in (("full", t_full), ("block", t_block))}
+    tables = {"full": t_full, "block": t_block}
+    monotonic = {n: all(t[a] <= t[b] for a, b in zip(bs, bs[1:])) for n, t in tables.items()}
     return {"simulated": {k: round(v, 1) for k, v in sim.items()}, "sim_context": ctx,
             "sim_speedup_cdb_oracle_vs_static": sim["cdb_oracle"] / sim["full_static"],
             "sim_speedup_cdb_oracle_vs_csb": sim["cdb_oracle"] / sim["full_csb"],
-            "step_time_ms": {n: {b: 1e3 * v for b, v in t.items()} for n, t in (("full", t_full), ("block", t_block))},
+            "step_time_ms": {n: {b: 1e3 * v for b, v in t.items()} for n, t in tables.items()},
             "step_times_monotonic": monotonic}
 
 def print_throughput(cfg, th):
@@ -1261,7 +1276,8 @@ def print_throughput(cfg, th):
                   + " ".join(f"{b}:{t:.3f}" for b, t in th["step_time_ms"][n].items()) + " ms")
     for k, ph in th["phases_s"].items():
         tot = sum(ph.values())
-        print(f"phases {k:16s} " + " | ".join(f"{p} {100 * v / tot:.0f}%" for p, v in ph.items()) + f" of {tot:.3f} s")
+        shares = " | ".join(f"{p} {100 * v / tot:.0f}%" for p, v in ph.items())
+        print(f"phases {k:16s} {shares} of {tot:.3f} s")
 
 # -----------------------------------------------------------------------------
 # outputs
@@ -1310,7 +1326,8 @@ def save_plots(summary, out):
         for off, (src, lab) in zip((-0.27, 0, 0.27), (("measured", "engine, end to end"),
                                                        ("measured_decode", "engine, decode only"))):
             med = [th[src][k]["median"] for k in keys]
-            err = [[m - th[src][k]["min"] for m, k in zip(med, keys)], [th[src][k]["max"] - m for m, k in zip(med, keys)]]
+            err = [[m - th[src][k]["min"] for m, k in zip(med, keys)],
+                   [th[src][k]["max"] - m for m, k in zip(med, keys)]]
             ax.bar(x + off, med, 0.27, yerr=err, capsize=2, label=lab)
         ax.bar(x + 0.27, [th["simulated"].get(k, 0) for k in keys], 0.27, label="simulator (block time)")
         ax.set_xticks(x)
