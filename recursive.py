@@ -191,7 +191,7 @@ class LoRALinear(nn.Linear):
     Identical to the base layer when B = 0 or rank = 0 (then it holds only weight and bias)."""
     def __init__(self, fan_in, fan_out, bias, n_loops=1, rank=0):
         super().__init__(fan_in, fan_out, bias=bias)
-        # capped at min(in, out): docs/recursive.md, LoRA ranks
+        # capped at min(in, out): docs/recursive.md, "Implementation details"
         self.rank = min(rank, fan_in, fan_out)
         if self.rank > 0:
             self.lora_A = nn.Parameter(torch.empty(n_loops, self.rank, fan_in))   # (R, r, in)
@@ -614,7 +614,7 @@ def confidence_exits(maxp, tau):
 
 def calibrate_tau(maxp, agree, target):
     """Smallest tau (most exits) whose exits agree with the last loop on >= target of ALL tokens
-    (docs/recursive.md, "Confidence exits"). EXERCISE: calibrate the top-1 - top-2 margin instead."""
+    (docs/recursive.md, "Implementation details"). EXERCISE: calibrate the top-1 - top-2 margin instead."""
     n = agree.shape[1]
     # <= ~100k values from every early loop
     sub = maxp[:-1, ::max(1, n * (maxp.shape[0] - 1) // 100_000)]
@@ -1034,6 +1034,9 @@ def resolve_full(cfg, data_dir):
     gpt2 = cfg.init_from in GPT2_SIZES
     full_sd = download_gpt2(data_dir, cfg.init_from) if gpt2 else None
     meta = data.prepare_text(cfg.dataset, cfg.tokenizer, data_dir)
+    if cfg.stage == "all" and meta["n_tokens"]["test"] <= cfg.prompt_len + cfg.gen_max:
+        raise UsageError(f"the test split ({meta['n_tokens']['test']} tokens) is too short for "
+                         f"serving requests of prompt_len + gen_max = {cfg.prompt_len + cfg.gen_max}")
     if gpt2:
         gcfg, key = gpt2_config(full_sd, cfg.dropout), {"gpt2": gpt2_url(cfg.init_from)}
     elif cfg.init_from != "pretrain":
