@@ -94,6 +94,7 @@ class Config:
     stage: str = "all"            # last stage: pretrain | study | early_exit | all (+ serving)
     preset: str = ""              # '' | tiny (CPU, under a minute)
     device: str = "auto"          # auto | cpu | cuda | mps
+    threads: int = 0              # torch CPU threads; 0 = 1 on the CPU unless OMP_NUM_THREADS is set
     seed: int = 1337              # every RNG; the same seed gives the same run on one machine
     compile: bool = False         # torch.compile the training forward
     peak_tflops: float = 0.0      # for MFU; 0 = look up the GPU name
@@ -998,7 +999,7 @@ def check_config(cfg):
     """Every bad input fails here (or while resolving init_from), before anything is written."""
     positive = ("n_layer", "n_head", "n_embd", "block_size", "n_loops", "batch_size", "eval_batch_size",
                 "log_interval", "n_requests", "max_batch", "prompt_len", "bench_rounds")
-    counts = ("pretrain_iters", "uptrain_iters", "ee_iters", "eval_tokens", "lora_rank")
+    counts = ("pretrain_iters", "uptrain_iters", "ee_iters", "eval_tokens", "lora_rank", "threads")
     for name in positive + counts:
         v = getattr(cfg, name)
         if v < (1 if name in positive else 0):
@@ -1075,7 +1076,8 @@ def run(cfg):
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     logf = open(out / "log.jsonl", "a")
     log = lambda rec: (logf.write(json.dumps(rec) + "\n"), logf.flush())
-    print(f"device {device} | {cfg.dataset} {meta['n_tokens']} | N={N} -> K={N // R} x R={R}")
+    print(f"device {device} ({torch.get_num_threads()} threads) | {cfg.dataset} {meta['n_tokens']} | "
+          f"N={N} -> K={N // R} x R={R}")
     tr, va, te = (data.load_split(meta, s) for s in ("train", "val", "test"))
 
     def build_full():
@@ -1355,9 +1357,14 @@ def save_plots(summary, out):
 
 def main(argv=None):
     """The command line. A user mistake is one `error:` line on stderr and exit code 2."""
+    threads = torch.get_num_threads()
     try:
         cfg = parse_config(argv)
         print(json.dumps(asdict(cfg)))
+        # these models are small: more threads than one fight each other (and any other job) for
+        # the cores; on a shared 2-core machine the tiny run took 1m47s with 2 threads, 23 s with 1
+        if cfg.threads or (get_device(cfg.device) == "cpu" and "OMP_NUM_THREADS" not in os.environ):
+            torch.set_num_threads(cfg.threads or 1)
         t0, summary = time.time(), run(cfg)
     except (UsageError, data.DataError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
@@ -1366,6 +1373,8 @@ def main(argv=None):
         print(f"\nstopped: finished stages are in {Path(cfg.out_dir) / 'ckpt'}; the same command "
               f"continues from them", file=sys.stderr)
         raise SystemExit(130)
+    finally:
+        torch.set_num_threads(threads)  # main(argv) called from Python leaves the process as it was
     print(f"done in {fmt_eta(time.time() - t0)}")
     return summary
 
