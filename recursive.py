@@ -15,15 +15,15 @@ Sections: config | utilities | GPT + LoRALinear | GPT-2 weights | conversion + S
 losses + training | evaluation and exits | CDB engine + simulator | study driver | plots | main.
 
 Run:
-  python recursive.py                       # whole study on PTB, 12 -> 6 x 2, one GPU (<= 5 min target)
-  python recursive.py --preset=tiny --device=cpu    # CPU smoke run, under a minute
+  python recursive.py                             # the whole study on PTB, 12 -> 6 x 2, one GPU
+  python recursive.py --preset=tiny --device=cpu  # CPU smoke run of every stage, under a minute
   python recursive.py --init_from=gpt2 --n_loops=2  # start from GPT-2 124M (downloads 500 MB)
   python recursive.py --stage=study --runs=rec_stepwise,relaxed_average_r64
 Outputs in out/recursive/: config.json, log.jsonl, ckpt/*.pt (stage caches), summary.json, *.png.
-Expected: the H100 study table and early exits are in the README (CDB throughput: not yet measured).
+Expected output, run times and every result: docs/recursive.md.
 Dimension letters: B batch, T time, C n_embd, nh heads, hs head size, R loops, r LoRA rank.
 """
-import argparse, hashlib, json, math, os, random, sys, time, urllib.request
+import argparse, hashlib, inspect, json, math, os, random, sys, time, urllib.request
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict, fields
@@ -39,6 +39,9 @@ import data  # the shared loader: prepare_text, load_split, get_batch, iter_eval
 # -----------------------------------------------------------------------------
 # config
 
+STUDY_RUNS = ("full,reduced_random,stepwise_noloop,rec_stepwise,rec_average,rec_lower,"
+              "relaxed_average_r16,relaxed_average_r64,relaxed_average_r128,relaxed_stepwise_r64")
+
 @dataclass
 class Config:
     # data
@@ -46,56 +49,57 @@ class Config:
     tokenizer: str = "gpt2"       # gpt2 (tiktoken) | char
     data_dir: str = ""            # '' = data.DATA_DIR (<repo>/data)
     # full model (init_from=gpt2 or a checkpoint path brings its own shape)
-    init_from: str = "pretrain"   # pretrain (train the N-layer model here, cached) | gpt2 | path/to/ckpt.pt
+    init_from: str = "pretrain"   # pretrain (here, cached) | gpt2[-medium|-large|-xl] | a ckpt.pt
     n_layer: int = 12             # N, depth of the full model
-    n_head: int = 6
+    n_head: int = 6               # attention heads; n_embd must divide by it
     n_embd: int = 384             # C; 384 keeps the default study inside ~5 H100 minutes
     block_size: int = 256         # context length T
-    dropout: float = 0.1          # PTB is small (~1.2M GPT-2 tokens): some dropout against overfitting
-    bias: bool = True
+    dropout: float = 0.1          # PTB is small (~1.2M GPT-2 tokens): some dropout
+    bias: bool = True             # biases in linear layers and LayerNorms (GPT-2 has them)
     # recursion / relaxation of the main model (early-exit trained, served by the CDB engine)
     n_loops: int = 2              # R (the paper's B); K = n_layer // n_loops shared blocks
     init: str = "stepwise"        # stepwise | average | lower | random
-    lora_rank: int = 0            # 0 = plain recursive; each matrix's rank is capped at min(in, out)
-    lora_init: str = "svd"        # svd (truncated SVD of the residual, Eq. 4-5) | zero (B = 0 ablation)
-    # the study: comma list of run names (grammar in parse_run)
-    runs: str = ("full,reduced_random,stepwise_noloop,rec_stepwise,rec_average,rec_lower,"
-                 "relaxed_average_r16,relaxed_average_r64,relaxed_average_r128,relaxed_stepwise_r64")
+    lora_rank: int = 0            # 0 = plain recursive; capped per matrix at min(in, out)
+    lora_init: str = "svd"        # svd (SVD of the residual, Eq. 4-5) | zero (B = 0 ablation)
+    # the study
+    runs: str = STUDY_RUNS        # comma list of study rows (names: parse_run)
     # training
     batch_size: int = 16          # sequences per step (16 x 256 = 4096 tokens)
     pretrain_iters: int = 1200    # steps for init_from=pretrain (~4.9M tokens, ~4 PTB epochs)
-    pretrain_lr: float = 1e-3
+    pretrain_lr: float = 1e-3     # peak lr of the pretraining (same warmup / cosine)
     uptrain_iters: int = 300      # steps per study row: every row sees the same ~1.2M tokens
     lr: float = 3e-4              # uptraining peak lr (paper 2e-4 at a 2M-token batch)
     warmup_frac: float = 0.03     # warmup as a fraction of steps (paper ~2.8%)
     min_lr_frac: float = 0.1      # cosine floor as a fraction of the peak
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    weight_decay: float = 0.1     # AdamW, on matrices only
+    grad_clip: float = 1.0        # gradient-norm clip (0 = off)
     kd_weight: float = 0.5        # lambda in (1 - lambda) CE + lambda FKL(teacher || student)
     kd_temp: float = 1.0          # distillation temperature
     # early exit (post-training after uptraining, Sec. 3.7)
     ee_iters: int = 100           # ~1/3 of the uptraining tokens
-    ee_weight: float = 0.1        # weight of each earlier loop's CE + self-distillation ("Agg 0.1 + KD")
-    conf_agree: float = 0.95      # confidence exits: tau calibrated on val for this agreement with the last loop
+    ee_weight: float = 0.1        # weight of each earlier loop's CE + self-distillation (Agg 0.1)
+    conf_agree: float = 0.95      # confidence exits: tau set on val for this agreement with the last
     # serving (CDB engine vs static / continuous sequence batching)
-    n_requests: int = 128
+    n_requests: int = 128         # requests served (prompts from the test split)
     max_batch: int = 32           # slots
-    prompt_len: int = 32
+    prompt_len: int = 32          # prompt tokens per request
     gen_min: int = 16             # new tokens per request ~ uniform[gen_min, gen_max]
-    gen_max: int = 192
-    kv_fill: str = "propagate"    # exited tokens' KV at skipped depths: propagate (copy state up) | full (run the loops)
+    gen_max: int = 192            # prompt_len + gen_max <= block_size
+    kv_fill: str = "exact"        # exited tokens' skipped KV: exact (run lazily) | propagate | full
+    bench_rounds: int = 5         # serving benchmark: interleaved rounds (median and range)
     # eval / system
     eval_tokens: int = 0          # cap per split for perplexity (0 = whole split)
-    eval_batch_size: int = 8
-    log_interval: int = 50
-    stage: str = "all"            # last stage to run: pretrain | study | early_exit | all (+ throughput)
+    eval_batch_size: int = 8      # sequences per evaluation batch
+    log_interval: int = 50        # steps between progress lines
+    stage: str = "all"            # last stage: pretrain | study | early_exit | all (+ serving)
     preset: str = ""              # '' | tiny (CPU, under a minute)
     device: str = "auto"          # auto | cpu | cuda | mps
-    seed: int = 1337
+    threads: int = 0              # torch CPU threads; 0 = 1 on the CPU unless OMP_NUM_THREADS is set
+    seed: int = 1337              # every RNG; the same seed gives the same run on one machine
     compile: bool = False         # torch.compile the training forward
     peak_tflops: float = 0.0      # for MFU; 0 = look up the GPU name
-    out_dir: str = "out/recursive"
-    plot: bool = True
+    out_dir: str = "out/recursive"  # everything a run writes; ckpt/ holds the stage caches
+    plot: bool = True             # write the PNG plots
 
 TINY = dict(tokenizer="char", n_layer=4, n_head=2, n_embd=64, block_size=64, dropout=0.0, batch_size=8,
             pretrain_iters=60, uptrain_iters=12, ee_iters=8, eval_tokens=4096, eval_batch_size=8,
@@ -103,26 +107,57 @@ TINY = dict(tokenizer="char", n_layer=4, n_head=2, n_embd=64, block_size=64, dro
                  "relaxed_average_r8,relaxed_average_r32,relaxed_average_r64,relaxed_stepwise_r32",
             n_requests=8, max_batch=4, prompt_len=8, gen_min=4, gen_max=24, log_interval=20)
 INITS, STAGES = ("stepwise", "average", "lower", "random"), ("pretrain", "study", "early_exit", "all")
-GPT2_URL = "https://huggingface.co/openai-community/gpt2/resolve/main/model.safetensors"
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 # -----------------------------------------------------------------------------
 # utilities
 
+class UsageError(ValueError):
+    """A mistake the user can fix (a flag, a size, a file): main prints it as one `error:` line."""
+
+class ArgParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage + error lines -> one UsageError
+        raise UsageError(f"{message} (see --help)")
+
+def flag_help():
+    """{field: its comment in Config}: the --help text of every flag."""
+    lines = inspect.getsource(Config).splitlines()
+    return {ln.split(":")[0].strip(): ln.split("#", 1)[1].strip() for ln in lines if "#" in ln and ":" in ln
+            and not ln.strip().startswith("#")}
+
+def parse_bool(name):
+    def parse(v):
+        if v.lower() not in ("true", "false", "1", "0"):
+            raise UsageError(f"--{name}={v}: use true, false, 1 or 0")
+        return v.lower() in ("true", "1")
+    parse.__name__ = "boolean (true/false/1/0)"  # argparse names it in its error
+    return parse
+
 def parse_config(argv=None):
     """--key=value flags built from Config's fields; --preset=tiny applies before other flags."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p, helps = ArgParser(description=__doc__.split("\n")[1]), flag_help()
     for f in fields(Config):
-        kind = {bool: lambda s: s.lower() in ("1", "true", "yes")}.get(type(f.default), type(f.default))
-        p.add_argument(f"--{f.name}", type=kind, default=None, help=f"default {f.default!r}")
+        kind = parse_bool(f.name) if isinstance(f.default, bool) else type(f.default)
+        p.add_argument(f"--{f.name}", type=kind, default=None,
+                       help=f"{helps.get(f.name, '')} (default {f.default!r})".replace("%", "%%"))
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     if args.get("preset", "") not in ("", "tiny"):
-        raise ValueError(f"unknown preset {args['preset']!r}: use tiny")
+        raise UsageError(f"unknown preset {args['preset']!r}: use tiny")
     return Config(**{**asdict(Config()), **(TINY if args.get("preset") == "tiny" else {}), **args})
 
 def get_device(pref="auto"):  # cuda -> mps -> cpu unless given; cuda:N -> "cuda" on that GPU
+    if pref.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device={pref}: no CUDA GPU here; use auto or cpu")
     if pref.startswith("cuda:"):  # every check below compares device == "cuda"
-        torch.cuda.set_device(torch.device(pref)); return "cuda"
-    return pref if pref != "auto" else "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        torch.cuda.set_device(torch.device(pref))
+        return "cuda"
+    if pref == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device=mps: MPS is not available here; use auto or cpu")
+    if pref not in ("auto", "cpu", "cuda", "mps"):
+        raise UsageError(f"unknown --device={pref}: use auto, cpu, cuda, cuda:N or mps")
+    if pref != "auto":
+        return pref
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 def amp_dtype(device):  # bf16 on CUDA with bf16 support, else fp32 (no fp16, no GradScaler)
     return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -131,9 +166,12 @@ def autocast_ctx(device):  # the KV caches of the engine use the same dtype (amp
     return torch.autocast("cuda", dtype=torch.bfloat16) if amp_dtype(device) == torch.bfloat16 else nullcontext()
 
 def set_seed(seed):
-    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
-sync = lambda device: torch.cuda.synchronize() if device == "cuda" else None  # queued GPU work done, then read a clock
+# queued GPU work done, then read a clock
+sync = lambda device: torch.cuda.synchronize() if device == "cuda" else None
 fmt_eta = lambda s: f"{int(s // 60)}m{int(s % 60):02d}s"
 
 # -----------------------------------------------------------------------------
@@ -144,17 +182,18 @@ class GPTConfig:
     block_size: int = 256
     vocab_size: int = 50257
     n_layer: int = 12      # blocks stored (K for a recursive model, N for the full one)
-    n_head: int = 6
+    n_head: int = 6               # attention heads; n_embd must divide by it
     n_embd: int = 384
     dropout: float = 0.0
-    bias: bool = True
+    bias: bool = True             # biases in linear layers and LayerNorms (GPT-2 has them)
 
 class LoRALinear(nn.Linear):
     """nn.Linear plus one low-rank update per loop: y = W x + b + B_l A_l x (scaling 1, Eq. 3).
     Identical to the base layer when B = 0 or rank = 0 (then it holds only weight and bias)."""
     def __init__(self, fan_in, fan_out, bias, n_loops=1, rank=0):
         super().__init__(fan_in, fan_out, bias=bias)
-        self.rank = min(rank, fan_in, fan_out)  # cap at min(in, out): recursive.md Sec. 2.1
+        # capped at min(in, out): docs/recursive.md, "Implementation details"
+        self.rank = min(rank, fan_in, fan_out)
         if self.rank > 0:
             self.lora_A = nn.Parameter(torch.empty(n_loops, self.rank, fan_in))   # (R, r, in)
             self.lora_B = nn.Parameter(torch.zeros(n_loops, fan_out, self.rank))  # (R, out, r)
@@ -162,17 +201,24 @@ class LoRALinear(nn.Linear):
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
     def forward(self, x, loop=None):
-        y = super().forward(x)
+        """x (B, T, in); loop: None (no LoRA), an int, or one loop per row (B,) (the CDB engine)."""
+        y = super().forward(x)  # W' x + b
         if self.rank == 0 or loop is None:
             return y
-        if isinstance(loop, int):
+        if isinstance(loop, int):  # ALGO LOGIC (Eq. 3): W' x + B_l A_l x
             return y + (x @ self.lora_A[loop].t()) @ self.lora_B[loop].t()
-        # ALGO LOGIC: per-row loop (B,) (CDB engine): not a gather of one adapter per row, but ALL loops' A in one
-        # matmul (R r is small), the other loops' columns zeroed, then all B. EXERCISE: group rows by loop instead
+        return y + self.per_row_lora(x, loop)
+
+    def per_row_lora(self, x, loop):
+        """B_l A_l x with each row's own loop l = loop[i] (Eq. 3 per row). SPEED: instead of
+        gathering one adapter per row, ALL loops' A in one matmul (R r is small), the other loops'
+        columns zeroed, then all B; a test checks it against Eq. 3 row by row.
+        EXERCISE: group the rows by loop instead and time both with step_times."""
         R, r = self.lora_A.shape[:2]
         z = x @ self.lora_A.flatten(0, 1).t()                                       # (B, T, R r)
-        keep = (loop[:, None] == torch.arange(R, device=x.device)).repeat_interleave(r, 1)  # (B, R r)
-        return y + (z * keep[:, None]) @ rearrange(self.lora_B, "R o r -> (R r) o")
+        hot = loop[:, None] == torch.arange(R, device=x.device)                   # (B, R)
+        keep = hot.repeat_interleave(r, 1)                                         # (B, R r)
+        return (z * keep[:, None]) @ rearrange(self.lora_B, "R o r -> (R r) o")    # (B, T, out)
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, n_loops=1, rank=0):
@@ -185,8 +231,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, loop=None, cache=None):
         q, k, v = self.c_attn(x, loop).split(self.n_embd, dim=2)
-        B, T, C = x.shape  # view/transpose, not einops: einops costs ~3 us per call in the decode loop
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # view/transpose, not einops: einops costs ~3 us per call in the decode loop
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         # KV-cache hook from the engine: store this step's k, v; read all past ones (and their mask)
         k, v, mask = (k, v, None) if cache is None else cache(k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -198,7 +245,7 @@ class MLP(nn.Module):
     def __init__(self, config, n_loops=1, rank=0):
         super().__init__()
         self.c_fc = LoRALinear(config.n_embd, 4 * config.n_embd, config.bias, n_loops, rank)
-        self.gelu = nn.GELU()  # nanoGPT's exact GELU (GPT-2 itself used the tanh approximation)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's own GELU (HF's gelu_new)
         self.c_proj = LoRALinear(4 * config.n_embd, config.n_embd, config.bias, n_loops, rank)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -250,7 +297,8 @@ class GPT(nn.Module):
 
     def embed(self, idx, pos=None):
         pos = torch.arange(idx.size(1), device=idx.device) if pos is None else pos
-        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        return self.transformer.drop(x)
 
     def head(self, x):
         return self.lm_head(self.transformer.ln_f(x))  # every exit shares ln_f + lm_head (Sec. 3.7)
@@ -272,7 +320,8 @@ class GPT(nn.Module):
 def generate(model, idx, max_new_tokens):
     """Plain greedy decoding without a KV cache (the reference the CDB engine must match)."""
     for _ in range(max_new_tokens):  # logits (B, T, V): append the last position's argmax
-        idx = torch.cat([idx, model(idx[:, -model.config.block_size:])[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+        logits = model(idx[:, -model.config.block_size:])[0]
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return idx
 
 # -----------------------------------------------------------------------------
@@ -285,7 +334,8 @@ def parse_safetensors(raw):
     dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     def tensor(info):
         a, b = info["data_offsets"]
-        return torch.frombuffer(bytearray(raw[base + a:base + b]), dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+        flat = torch.frombuffer(bytearray(raw[base + a:base + b]), dtype=dtypes[info["dtype"]])
+        return flat.reshape(info["shape"])
     return {name: tensor(info).float() for name, info in header.items() if name != "__metadata__"}
 
 def gpt2_to_nanogpt(sd):
@@ -301,37 +351,52 @@ def gpt2_to_nanogpt(sd):
     out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
 
-def download_gpt2(data_dir):
-    path = Path(data_dir) / "gpt2" / "model.safetensors"
+def gpt2_url(name):  # gpt2 (124M) | gpt2-medium | gpt2-large | gpt2-xl
+    return f"https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
+
+def download_gpt2(data_dir, name="gpt2"):
+    """The safetensors of a GPT-2 size, downloaded once to data_dir/<name>/ -> our state dict."""
+    path, url = Path(data_dir) / name / "model.safetensors", gpt2_url(name)
     if not path.exists():
-        print(f"downloading GPT-2 124M weights from {GPT2_URL}")
+        print(f"downloading {name} weights from {url}")
         try:
-            with urllib.request.urlopen(GPT2_URL, timeout=60) as r:
+            with urllib.request.urlopen(url, timeout=60) as r:
                 raw = r.read()
         except Exception as e:
-            raise ValueError(f"could not download GPT-2 weights from {GPT2_URL} ({e}); "
-                             f"put model.safetensors at {path} by hand, or use --init_from=pretrain")
+            raise UsageError(f"could not download {name} weights from {url} ({e}); put "
+                             f"model.safetensors at {path} by hand, or use --init_from=pretrain")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".part").write_bytes(raw), path.with_suffix(".part").replace(path)
-    return gpt2_to_nanogpt(parse_safetensors(path.read_bytes()))
+        path.with_suffix(".part").write_bytes(raw)
+        path.with_suffix(".part").replace(path)
+    try:
+        return gpt2_to_nanogpt(parse_safetensors(path.read_bytes()))
+    except Exception as e:  # truncated or not a GPT-2 file
+        raise UsageError(f"{path} is not a readable GPT-2 safetensors file ({e!r}): delete it and "
+                         f"run again to download it") from None
+
+def gpt2_config(sd, dropout):
+    """The shape of a GPT-2 state dict: every size has 64-wide heads (n_head = n_embd / 64)."""
+    V, C = sd["transformer.wte.weight"].shape
+    n_layer = len({k.split(".")[2] for k in sd if k.startswith("transformer.h.")})
+    return GPTConfig(sd["transformer.wpe.weight"].shape[0], V, n_layer, C // 64, C, dropout, True)
 
 def load_full_checkpoint(path, vocab_size):
     """A nanoGPT-style ckpt.pt {model, model_args} of a plain GPT -> (GPTConfig, state dict)."""
     if not Path(path).is_file():
-        raise ValueError(f"init_from: no checkpoint at {path} (use pretrain, gpt2 or a ckpt.pt path)")
+        raise UsageError(f"init_from: no checkpoint at {path} (use pretrain, gpt2 or a ckpt.pt path)")
     ck = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ck, dict) or "model" not in ck or "model_args" not in ck:
-        raise ValueError(f"init_from: {path} is not a ckpt.pt with 'model' and 'model_args'")
+        raise UsageError(f"init_from: {path} is not a ckpt.pt with 'model' and 'model_args'")
     a = ck["model_args"]
     gcfg = GPTConfig(**{f.name: a[f.name] for f in fields(GPTConfig) if f.name in a})
     if a.get("n_loops", 1) != 1 or a.get("lora_rank", 0) != 0 or gcfg.vocab_size != vocab_size:
-        raise ValueError(f"init_from: {path} must hold a plain GPT with vocab_size {vocab_size} (the "
+        raise UsageError(f"init_from: {path} must hold a plain GPT with vocab_size {vocab_size} (the "
                          f"tokenizer's); it has vocab_size {gcfg.vocab_size}, n_loops {a.get('n_loops', 1)}")
     sd = {k.removeprefix("_orig_mod."): v for k, v in ck["model"].items()}
     ref = {k: v.shape for k, v in GPT(gcfg).state_dict().items()}
     bad = sorted(set(ref) ^ set(sd)) + [k for k in ref if k in sd and sd[k].shape != ref[k]]
     if bad:  # missing, unexpected or misshapen tensors
-        raise ValueError(f"init_from: {path} does not match a nanoGPT GPT of its model_args (e.g. {bad[:3]})")
+        raise UsageError(f"init_from: {path} does not match a nanoGPT GPT of its model_args (e.g. {bad[:3]})")
     return gcfg, sd
 
 # -----------------------------------------------------------------------------
@@ -339,18 +404,19 @@ def load_full_checkpoint(path, vocab_size):
 
 def source_layers(init, N, K):
     """For each shared block k, the original layers it is made from (paper Sec. 2.2, Fig. 2)."""
-    if init == "stepwise":  # first and last kept, fixed intervals between: round(linspace) as in [MoR]
+    if init == "stepwise":  # first and last kept, fixed intervals between: round(linspace)
         return [[round(float(x))] for x in np.linspace(0, N - 1, K)]
     if init == "average":   # all layers tied to block k under CYCLE: k, k+K, ...
         return [list(range(k, N, K)) for k in range(K)]
     if init == "lower":
         return [[k] for k in range(K)]
-    return [[] for _ in range(K)]  # random: fresh init. EXERCISE: add 'upper' (last K) and SEQUENCE (d // R)
+    # random: fresh init. EXERCISE: add 'upper' (last K) and SEQUENCE (d // R)
+    return [[] for _ in range(K)]
 
 @torch.no_grad()
 def convert(full, n_blocks, n_loops, init="stepwise", lora_rank=0, lora_init="svd"):
     """Full GPT -> GPT with n_blocks shared blocks x n_loops loops. Embeddings, ln_f and head are copied
-    (not for init=random: the reduced-size baseline is trained from scratch, notes §3); block k is
+    (not for init=random: the reduced-size baseline is trained from scratch, Sec. 3.1); block k is
     copied/averaged from source_layers; with LoRA, depth d's adapters are the truncated SVD of
     (W_d - W_shared) in fp32: B = U S, A = V^T (Eq. 4-5, no alpha/r factor)."""
     N, K, R = full.config.n_layer, n_blocks, n_loops
@@ -371,10 +437,14 @@ def convert(full, n_blocks, n_loops, init="stepwise", lora_rank=0, lora_init="sv
                 if not isinstance(m, LoRALinear) or m.rank == 0:
                     continue
                 for loop in range(R):  # ALGO LOGIC: residual of depth d = loop * K + k
-                    W = src[f"transformer.h.{loop * K + k}.{mname}.weight"].float().cpu()  # (out, in)
-                    U, S, Vh = torch.linalg.svd(W - m.weight.float(), full_matrices=False)
+                    # the original weight of depth d, (out, in)
+                    W = src[f"transformer.h.{loop * K + k}.{mname}.weight"].float().cpu()
+                    res = W - m.weight.float().cpu()
+                    if not res.any():  # the depth's own layer is the shared one: keep the random
+                        continue       # A and zero B of standard LoRA (App. C)
+                    U, S, Vh = torch.linalg.svd(res, full_matrices=False)
                     m.lora_B[loop] = U[:, :m.rank] * S[:m.rank]  # (out, r): singular values into B
-                    m.lora_A[loop] = Vh[:m.rank]                 # (r, in); zero residual -> B = 0
+                    m.lora_A[loop] = Vh[:m.rank]                 # (r, in)
     # biases and norms stay tied (paper): full-rank SVD recovers every linear weight exactly, and
     # the whole model exactly when tied layers share their biases/norms (e.g. bias=False models).
     return model
@@ -397,9 +467,9 @@ def parse_run(name, N, R):
             and parts[2].startswith("r") and parts[2][1:].lstrip("-").isdigit():
         rank = int(parts[2][1:])
         if rank < 0:
-            raise ValueError(f"run {name!r}: LoRA rank must be >= 0, got {rank}")
+            raise UsageError(f"run {name!r}: LoRA rank must be >= 0, got {rank}")
         return K, R, parts[1], rank, "zero" if parts[0] == "relaxedzero" else "svd"
-    raise ValueError(f"unknown run {name!r}: use full, reduced_random, <init>_noloop, rec_<init>, "
+    raise UsageError(f"unknown run {name!r}: use full, reduced_random, <init>_noloop, rec_<init>, "
                      f"relaxed_<init>_r<rank> or relaxedzero_<init>_r<rank> with init in {INITS}")
 
 # -----------------------------------------------------------------------------
@@ -407,7 +477,7 @@ def parse_run(name, N, R):
 
 def kd_loss(s_logits, t_logits, temp=1.0):
     """Forward KL(p_teacher || p_student) at temperature temp (x temp^2), mean over tokens.
-    [MoR] uses -sum p_T log p_S, which differs by the teacher's entropy (a constant); KL is 0 at equality."""
+    The authors' later code uses -sum p_T log p_S: it differs by the teacher's entropy, a constant."""
     s, t = (F.log_softmax(z.float() / temp, -1) for z in (s_logits, t_logits))
     return (t.exp() * (t - s)).sum(-1).mean() * temp ** 2
 
@@ -415,13 +485,18 @@ def uptrain_loss(logits, targets, t_logits, kd_weight, temp):
     """(1 - lambda) CE + lambda FKL from the full model (Sec. 3.6; lambda, T are not given by the paper).
     At T = 1 that is ONE cross-entropy against the mixed target q = (1 - lambda) onehot(y) + lambda p_T,
     minus lambda H(p_T), a constant: one (N, V) student log-softmax instead of two (1.8x faster on CPU)."""
-    s, y = logits.flatten(0, 1).float(), targets.flatten()  # (N, V), (N,) token ids (no ignore_index)
+    # (N, V), (N,) token ids (no ignore_index)
+    s, y = logits.flatten(0, 1).float(), targets.flatten()
     if t_logits is None or kd_weight == 0 or temp != 1:
         ce = F.cross_entropy(s, y)
-        return ce if t_logits is None or kd_weight == 0 else (1 - kd_weight) * ce + kd_weight * kd_loss(logits, t_logits, temp)
+        if t_logits is None or kd_weight == 0:
+            return ce
+        return (1 - kd_weight) * ce + kd_weight * kd_loss(logits, t_logits, temp)
     with torch.no_grad():
         t = F.log_softmax(t_logits.flatten(0, 1).float(), -1)
-        q = t.exp(); h = -(q * t).sum(-1).mean(); del t  # p_T (N, V) and H(p_T): the logged value stays CE + KL
+        q = t.exp()                   # p_T (N, V)
+        h = -(q * t).sum(-1).mean()   # H(p_T): the logged value stays CE + KL
+        del t
         q.mul_(kd_weight)[torch.arange(len(y), device=y.device), y] += 1 - kd_weight
     return F.cross_entropy(s, q) - kd_weight * h
 
@@ -453,16 +528,18 @@ def train(model, train_arr, cfg, device, iters, lr, teacher=None, ee=False, name
     """AdamW + warmup/cosine on random windows; KD from `teacher` when given; early-exit loss if ee."""
     model.train()
     groups = [{"params": [p for p in model.parameters() if (p.dim() >= 2) == d],
-               "weight_decay": cfg.weight_decay if d else 0.0} for d in (True, False)]  # no decay on norms/biases
+               # no decay on norms/biases
+               "weight_decay": cfg.weight_decay if d else 0.0} for d in (True, False)]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
     fwd = torch.compile(model) if cfg.compile else model  # save `model` (the raw module), never fwd
     gen = torch.Generator().manual_seed(cfg.seed)  # every run sees the same token windows
     T, C, depth = model.config.block_size, model.config.n_embd, model.config.n_layer * model.n_loops
     # FLOPs/token (PaLM / nanoGPT): 6 x weights that run (looped blocks count R times; wpe excluded)
     # + attention, + 2 x the teacher's weights for its forward pass
-    shared = model.num_params() - sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)  # LoRA: once
-    n_flop = 6 * (model.num_params(False) - model.transformer.wpe.weight.numel() + shared * (model.n_loops - 1)) \
-        + 12 * depth * C * T + 2 * (teacher.num_params(False) if teacher else 0)
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)  # each LoRA runs once
+    shared = model.num_params() - lora
+    weights = model.num_params(False) - model.transformer.wpe.weight.numel() + shared * (model.n_loops - 1)
+    n_flop = 6 * weights + 12 * depth * C * T + 2 * (teacher.num_params(False) if teacher else 0)
     peak, hist, t_log, it_log = peak_flops(cfg, device), [], time.perf_counter(), -1
     for it in range(iters):
         for g in opt.param_groups:
@@ -504,7 +581,12 @@ def evaluate(model, arr, cfg, device, collect=False):
     also per-token (R, n) tensors: nll, max prob and 'argmax equals the last loop's argmax'."""
     model.eval()
     R, nll_sum, n, per = model.n_loops, torch.zeros(model.n_loops), 0, {"nll": [], "maxp": [], "agree": []}
+    total = min(len(arr) - 1, cfg.eval_tokens or len(arr))
+    t0 = t_print = time.perf_counter()
     for x, y in data.iter_eval_batches(arr, cfg.eval_batch_size, model.config.block_size, device):
+        if time.perf_counter() - t_print > 10:  # no phase silent for more than ~10 s
+            t_print, done = time.perf_counter(), n / max(total, 1)
+            print(f"  eval {n:,}/{total:,} tokens | eta {fmt_eta((t_print - t0) * (1 - done) / max(done, 1e-9))}")
         with autocast_ctx(device):
             outs, _ = model(x, all_exits=True)
         lp = torch.stack([o.float().log_softmax(-1) for o in outs]).flatten(1, 2)  # (R, B*T, V)
@@ -532,10 +614,11 @@ def confidence_exits(maxp, tau):
     return oracle_exits(torch.cat([maxp[:-1] >= tau, maxp[-1:] >= 0]))  # the last loop always exits
 
 def calibrate_tau(maxp, agree, target):
-    """Smallest tau (most exits) whose exits agree with the last loop on >= target of ALL tokens (notes §10;
-    §4.2's "of the exits" is stricter). EXERCISE: calibrate the top-1 - top-2 margin, or CALM's saturation."""
+    """Smallest tau (most exits) whose exits agree with the last loop on >= target of ALL tokens
+    (docs/recursive.md, "Implementation details"). EXERCISE: calibrate the top-1 - top-2 margin instead."""
     n = agree.shape[1]
-    sub = maxp[:-1, ::max(1, n * (maxp.shape[0] - 1) // 100_000)]  # <= ~100k values from every early loop
+    # <= ~100k values from every early loop
+    sub = maxp[:-1, ::max(1, n * (maxp.shape[0] - 1) // 100_000)]
     cands = torch.quantile(sub.flatten(), torch.linspace(0, 1, 101)).tolist() + [1.01]
     for tau in sorted(set(cands)):
         if agree[confidence_exits(maxp, tau) - 1, torch.arange(n)].float().mean() >= target:
@@ -543,7 +626,8 @@ def calibrate_tau(maxp, agree, target):
 
 def exit_stats(res, exits):
     """Exit rate, mean exit loop, histogram, agreement and perplexity of a per-token exit choice."""
-    R, agree = res["agree"].shape[0], res["agree"].gather(0, exits[None] - 1)[0].float()  # (n,) at each exit loop
+    # (n,) at each exit loop
+    R, agree = res["agree"].shape[0], res["agree"].gather(0, exits[None] - 1)[0].float()
     return {"exit_rate": (exits < R).float().mean().item(), "mean_exit_loop": exits.float().mean().item(),
             "hist": torch.bincount(exits - 1, minlength=R).tolist(),
             "agreement": agree.mean().item(),  # of all tokens (those at loop R agree)
@@ -551,223 +635,411 @@ def exit_stats(res, exits):
             "ppl": math.exp(res["nll"].gather(0, exits[None] - 1).mean().item())}
 
 # -----------------------------------------------------------------------------
-# serving: a real batched greedy-decoding engine (static / continuous / depth-wise) + the paper's simulator
+# serving: a real batched greedy-decoding engine (static / CSB / CDB) + the paper's simulator
+#
+# How the engine works (docs/recursive.md, "The CDB engine"). One engine step is ONE pass of the
+# K shared blocks over a list of rows. A row is one token of one slot at one loop, and rows at
+# different loops mix freely: Continuous Depth-wise Batching (Sec. 2.4). A row is one of
+#   decode   the token in flight of a slot, at the loop it runs next;
+#   prefill  a prompt token of a newly admitted request (chunked prefill: a P-token prompt is P
+#            rows, at loop 0 in its first step, at loop 1 in the next, ...);
+#   lazy     (kv_fill=exact) a loop skipped by a token that exited early, run in the next step so
+#            the cache ends up holding exactly what running that loop gives (FREE-style).
+# The KV cache: one key and one value tensor (N S, nh, Tmax, hs) for the N = K R effective depths
+# and S slots. Row d S + s holds depth d = loop K + k of slot s; column t holds its token at
+# position t. A pass reads every row's own depth with one index_select per block.
 
-@torch.no_grad()
-def serve(model, requests, max_batch, device, refill="continuous", exit_mode="none",
-          schedule=None, tau=1.0, kv_fill="propagate"):
-    """Greedy decoding of requests [(prompt (P,) LongTensor, n_new)] with max_batch slots, each holding
-    (request, position, loop). One engine step = ONE pass of the K blocks over all active slots, each at its
-    own loop and depth's LoRA, with a KV cache per effective depth d = loop * K + k (full model: K = N, R = 1).
-    refill: static (a batch runs until its longest request ends, finished rows computing on: notes §4.5 C.1)
-    | continuous (a freed slot takes the next queued request: CSB for R = 1, CDB for R > 1). exit_mode: none
-    | oracle (schedule[req][pos] = exit loop from teacher-forced trajectories, as in the paper) | confidence
-    (max prob >= tau). kv_fill, the skipped depths' KV of exited tokens: propagate | full (run them, charged)."""
-    K, R, C = model.config.n_layer, model.n_loops, model.config.n_embd
-    nh, hs, dt = model.config.n_head, C // model.config.n_head, amp_dtype(device)
-    Tmax = max(len(p) + n for p, n in requests)
-    assert Tmax <= model.config.block_size and len({len(p) for p, _ in requests}) == 1
-    kc, vc = (torch.zeros(K * R, max_batch, nh, Tmax, hs, device=device, dtype=dt) for _ in "kv")  # one per depth
-    # flat view: row d * max_batch + slot is depth d of a slot, so the mixed depths of one step are
-    # ONE index_select (a memcpy per row; 2-D fancy indexing is ~3x slower on CPU)
-    kf, vf = kc.view(-1, nh, Tmax, hs), vc.view(-1, nh, Tmax, hs)
-    h = torch.zeros(max_batch, C, device=device)              # hidden state per slot
-    req, pos, loop, tok = [-1] * max_batch, [0] * max_batch, [0] * max_batch, [0] * max_batch
-    out, queue, hist, steps, t_pre = [[] for _ in requests], deque(range(len(requests))), [0] * R, 0, 0.0
-    blocks, ar = model.transformer.h, torch.arange(Tmax, device=device)
-    left = lambda s: requests[req[s]][1] - len(out[req[s]])  # tokens slot s's request still owes
+KV_FILLS = ("exact", "propagate", "full")
 
-    def hook_at(rows, p, mask):  # attention hook: write this token's k, v at flat cache rows, read the past
-        def hook(kk, vv):        # kk, vv (b, nh, 1, hs) -> past k, v (b, nh, L, hs): only L = mask.size(-1) are live
-            kf[rows, :, p], vf[rows, :, p] = kk[:, :, 0].to(dt), vv[:, :, 0].to(dt)
-            return kf[:, :, :mask.size(-1)].index_select(0, rows), vf[:, :, :mask.size(-1)].index_select(0, rows), mask
+class Slot:
+    """The state of one engine slot: its request and the token (or prompt) in flight."""
+    def __init__(self):
+        self.req = -1     # request index; -1 = free
+        # > 0: the request's prompt (this many tokens) is in flight as prefill rows
+        self.prompt = 0
+        self.pos = 0      # position of the token in flight = its cache column
+        self.loop = 0     # the loop it runs next (0-based)
+        self.tok = 0      # its input when loop == 0: the token, embedded ...
+        # ... else: this row of the previous pass's output (the first of a prompt's)
+        self.src = 0
+        self.lazy = []    # kv_fill=exact: [pos, loop, src] of skipped loops due in the next pass
+
+class PhaseTimer:
+    """Seconds per engine phase when on (it synchronises CUDA at every mark: profile runs only)."""
+    def __init__(self, device, on):
+        self.device, self.on, self.s, self.t = device, on, {}, time.perf_counter()
+
+    def mark(self, phase):  # charge the time since the previous mark to phase
+        if self.on:
+            sync(self.device)
+            now = time.perf_counter()
+            self.s[phase], self.t = self.s.get(phase, 0.0) + now - self.t, now
+
+def block_pass(model, x, slot, pos, loop, L, kf, vf, timer):
+    """ALGO LOGIC: one pass of the K shared blocks; row i runs loop[i] with that depth's LoRA and
+    reads / writes its cache rows (loop K + k) S + slot at column pos. x (n, 1, C) -> (n, 1, C).
+    L > max(pos): the live context (the empty tail of the cache is never read)."""
+    K, S = model.config.n_layer, kf.size(0) // (model.config.n_layer * model.n_loops)
+    mask = (torch.arange(L, device=x.device)[None] <= pos[:, None])[:, None, None]  # (n, 1, 1, L)
+
+    def hook_for(rows):  # attention hook: store this pass's k, v (n, nh, 1, hs), return the past
+        def hook(k, v):
+            timer.mark("blocks")
+            kf[rows, :, pos], vf[rows, :, pos] = k[:, :, 0].to(kf.dtype), v[:, :, 0].to(vf.dtype)
+            past_k = kf[:, :, :L].index_select(0, rows)  # (n, nh, L, hs)
+            past_v = vf[:, :, :L].index_select(0, rows)
+            timer.mark("kv cache")
+            return past_k, past_v, mask
         return hook
+    for k, blk in enumerate(model.transformer.h):
+        x = blk(x, loop, hook_for((loop * K + k) * S + slot))
+    timer.mark("blocks")
+    return x
 
-    def start_token(s, t):  # slot s moves on to its request's next token t (embedded next step), or frees
-        if left(s) > 0:  # (a finished row of a static batch computes on; its tokens are dropped)
-            out[req[s]].append(t)
-        done = left(s) == 0 and refill != "static"  # static: the whole batch frees at once (below)
-        req[s], pos[s], loop[s], tok[s] = -1 if done else req[s], pos[s] + 1, 0, t
+def fill_skipped_kv(model, x, slot, pos, done, L, kf, vf, kv_fill, timer):
+    """Exited tokens (done: a list of the loops each ran, < R) owe K/V at the depths they skip.
+    propagate: copy the exited state up (CALM) through each skipped depth's ln_1 + c_attn (+ its
+    LoRA); full: run the skipped loops now. x (m, 1, C). (kv_fill=exact: see Engine.update.)"""
+    K, R, C = model.config.n_layer, model.n_loops, model.config.n_embd
+    S, nh = kf.size(0) // (K * R), model.config.n_head
+    for lq in range(1, R):
+        sel = [i for i, d in enumerate(done) if d <= lq]  # the tokens that skip loop lq
+        if not sel:
+            continue
+        sel = torch.tensor(sel, device=x.device)
+        s, p, lp = slot[sel], pos[sel], torch.full_like(sel, lq)
+        if kv_fill == "full":
+            x[sel] = block_pass(model, x[sel], s, p, lp, L, kf, vf, timer)
+            continue
+        for k, blk in enumerate(model.transformer.h):
+            kv = blk.attn.c_attn(blk.ln_1(x[sel]), lp)[:, 0, C:]  # (m', 2C): this depth's k, v
+            rows = (lq * K + k) * S + s
+            kf[rows, :, p] = kv[:, :C].view(-1, nh, C // nh).to(kf.dtype)
+            vf[rows, :, p] = kv[:, C:].view(-1, nh, C // nh).to(vf.dtype)
+    timer.mark("kv fill")
 
-    def admit(slots):  # prefill new requests into free slots: all loops, dense causal attention
-        ids = [queue.popleft() for _ in slots]
-        idx = torch.stack([requests[i][0] for i in ids]).to(device)   # (b, P)
-        st = torch.tensor(slots, device=device)
-        P, x = idx.size(1), model.embed(idx)
-        for lp in range(R):
-            for k, blk in enumerate(blocks):
-                def hook(kk, vv, d=lp * K + k):
-                    kc[d, st, :, :P], vc[d, st, :, :P] = kk.to(dt), vv.to(dt)
-                    return kk, vv, None
-                x = blk(x, lp, hook)
-        for s, i, t in zip(slots, ids, model.head(x[:, -1]).argmax(-1).tolist()):
-            req[s], pos[s] = i, P - 1
-            start_token(s, t)
+class Engine:
+    """Greedy decoding of requests [(prompt (P,) LongTensor, n_new)] through max_batch slots.
+    refill: static (a batch of requests runs until its longest ends; finished rows compute on,
+    their tokens dropped) | continuous (a freed slot takes the next request: CSB when R = 1, CDB
+    when R > 1). exit_mode: none | oracle (schedule[req][pos] = exit loop, 1-based) | confidence
+    (exit after the first loop whose max probability >= tau). kv_fill: what an exited token puts
+    in the cache at the depths it skipped: exact | propagate | full (see the section comment)."""
+    def __init__(self, model, requests, max_batch, device, refill="continuous", exit_mode="none",
+                 schedule=None, tau=1.0, kv_fill="exact", profile=False):
+        c = model.config
+        self.model, self.device, self.refill, self.exit_mode = model, device, refill, exit_mode
+        self.schedule, self.tau, self.kv_fill = schedule, tau, kv_fill
+        self.prompts, self.n_new = [p.tolist() for p, _ in requests], [n for _, n in requests]
+        self.K, self.R = c.n_layer, model.n_loops
+        T = max(map(len, self.prompts)) + max(self.n_new)
+        assert T <= c.block_size, f"prompt + new tokens ({T}) exceed the context {c.block_size}"
+        shape = (self.K * self.R, max_batch, c.n_head, T, c.n_embd // c.n_head)
+        self.kc, self.vc = (torch.zeros(shape, device=device, dtype=amp_dtype(device)) for _ in "kv")
+        self.kf, self.vf = self.kc.flatten(0, 1), self.vc.flatten(0, 1)  # row d S + s (a view)
+        self.slots, self.queue = [Slot() for _ in range(max_batch)], deque(range(len(requests)))
+        self.out, self.exit_hist, self.steps = [[] for _ in requests], [0] * self.R, 0
+        self.prev = torch.zeros(0, 1, c.n_embd, device=device)  # the previous pass's output rows
+        self.timer = PhaseTimer(device, profile)
 
-    sync(device)
-    t0 = time.perf_counter()
-    with autocast_ctx(device):
-        while queue or any(r >= 0 for r in req):
-            free = [s for s in range(max_batch) if req[s] < 0]
-            if queue and free and (refill == "continuous" or len(free) == max_batch):
-                sync(device); t1 = time.perf_counter(); admit(free[:len(queue)])  # admit ends in a host read (.tolist)
-                t_pre += time.perf_counter() - t1
-                continue  # admitted requests may already be done (n_new = 1)
-            act = [s for s in range(max_batch) if req[s] >= 0]
-            # ONE host->device copy per step: slot, loop, position, token and each block's cache row
-            st = torch.tensor([act, [loop[s] for s in act], [pos[s] for s in act], [tok[s] for s in act]]
-                              + [[(loop[s] * K + k) * max_batch + s for s in act] for k in range(K)], device=device)
-            idx, lp, p, rows = st[0], st[1], st[2], st[4:]             # rows (K, b): depth loop * K + k
-            L = max(pos[s] for s in act) + 1                           # live context: skip the empty tail
-            mask = (ar[None, :L] <= p[:, None])[:, None, None, :]      # (b, 1, 1, L)
-            # a slot at loop 0 starts a new token (its embedding); later loops carry on from h
-            x = torch.where((lp == 0)[:, None, None], model.embed(st[3, :, None], p[:, None]), h.index_select(0, idx)[:, None])
-            for k, blk in enumerate(blocks):  # ALGO LOGIC: one shared-block pass, mixed loops
-                x = blk(x, lp, hook_at(rows[k], p, mask))              # (b, 1, C)
-            h.index_copy_(0, idx, x[:, 0].float())
-            steps, dl = steps + 1, [loop[s] + 1 for s in act]          # dl: loops done per slot
-            # ex: exits before the last loop (oracle: from the teacher-forced schedule)
-            ex = [exit_mode == "oracle" and dl[i] < R and dl[i] >= schedule[req[s]][pos[s]] for i, s in enumerate(act)]
-            if exit_mode == "confidence" and any(d < R for d in dl):
-                nf = [i for i in range(len(act)) if dl[i] < R]
-                conf = model.head(x[nf, 0]).float().softmax(-1).max(-1).values.tolist()
-                for i, c in zip(nf, conf):
-                    ex[i] = c >= tau
-            emit = [i for i in range(len(act)) if dl[i] == R or ex[i]]  # slots whose token is chosen now
-            tok_of = dict(zip(emit, model.head(x[emit, 0]).argmax(-1).tolist() if emit else []))
-            # ALGO LOGIC: exited tokens still owe keys/values at the depths they skip. propagate: copy
-            # the exited state up (CALM) and project it with each skipped depth's c_attn + LoRA;
-            # full: really run the skipped loops (the compute the paper leaves out). EXERCISE: do it lazily, FREE-style
-            for lq in range(1, R):
-                sel = [i for i in emit if ex[i] and dl[i] <= lq]   # exited tokens that skip loop lq
-                if not sel:
-                    continue
-                si = torch.tensor(sel, device=device)
-                rk = torch.tensor([[(lq * K + k) * max_batch + act[i] for i in sel] for k in range(K)], device=device)
-                xs, ps = x.index_select(0, si), p.index_select(0, si)   # (b', 1, C), (b',)
-                if kv_fill == "full":
-                    for k, blk in enumerate(blocks):
-                        xs = blk(xs, lq, hook_at(rk[k], ps, mask.index_select(0, si)))
-                    x.index_copy_(0, si, xs)  # later skipped loops start from here (h holds its own copy)
-                    continue
-                kv = torch.cat([blk.attn.c_attn(blk.ln_1(xs), lq)[:, 0, C:] for blk in blocks])  # (K b', 2C)
-                kf[rk.flatten(), :, ps.repeat(K)] = kv[:, :C].view(-1, nh, hs).to(dt)   # one write for all K depths
-                vf[rk.flatten(), :, ps.repeat(K)] = kv[:, C:].view(-1, nh, hs).to(dt)
-            for i, s in enumerate(act):
-                if i in tok_of:
-                    hist[dl[i] - 1] += left(s) > 0
-                    start_token(s, tok_of[i])
+    def busy(self):
+        return bool(self.queue) or any(s.req >= 0 for s in self.slots)
+
+    def owed(self, s):  # tokens slot s's request still owes
+        return self.n_new[s.req] - len(self.out[s.req])
+
+    def admit(self):
+        """Free slots take the next queued requests (static: only once the whole batch is free).
+        Their prompts enter the next pass as prefill rows."""
+        free = [s for s in self.slots if s.req < 0]
+        if self.refill == "static" and len(free) < len(self.slots):
+            return
+        for s in free[:len(self.queue)]:
+            s.req = self.queue.popleft()
+            s.prompt, s.pos, s.loop, s.lazy = len(self.prompts[s.req]), 0, 0, []
+
+    def rows(self):
+        """This step's rows: (kind, slot) per row and the (n, 4) tensor slot | pos | loop | input,
+        input = a token id (loop 0: embedded) or a row of the previous pass's output."""
+        who, rows = [], []
+        for i, s in enumerate(self.slots):
+            if s.req < 0:
+                continue
+            if s.prompt:
+                toks = self.prompts[s.req]
+                rows += [(i, t, s.loop, toks[t] if s.loop == 0 else s.src + t) for t in range(s.prompt)]
+                who += [("prefill", s)] * s.prompt
+            else:
+                rows.append((i, s.pos, s.loop, s.tok if s.loop == 0 else s.src))
+                who.append(("decode", s))
+            rows += [(i, p, lq, src) for p, lq, src in s.lazy]
+            who += [("lazy", s)] * len(s.lazy)
+            s.lazy = []
+        return who, rows, torch.tensor(rows, device=self.device)  # ONE host -> device copy per step
+
+    def inputs(self, pos, loop, inp):
+        """(n, 1, C): the embedding of loop-0 rows' tokens, the carried state of the others."""
+        first = (loop == 0)[:, None, None]
+        emb = self.model.embed(torch.where(loop == 0, inp, 0)[:, None], pos[:, None])
+        if len(self.prev) == 0:
+            return emb
+        return torch.where(first, emb, self.prev.index_select(0, torch.where(loop == 0, 0, inp)))
+
+    def step(self):
+        """ONE engine step: admit, one pass over every row, exits, tokens -> (had prefill rows,
+        decode tokens emitted)."""
+        self.admit()
+        who, rows, t = self.rows()
+        slot, pos, loop, inp = t.unbind(1)
+        x = self.inputs(pos, loop, inp)
+        self.timer.mark("rows + embed")
+        L = max(r[1] for r in rows) + 1  # from the host's copy: no device read
+        x = self.prev = block_pass(self.model, x, slot, pos, loop, L, self.kf, self.vf, self.timer)
+        emit, ask = self.exits(who, rows)
+        heads = list(emit) + ask
+        vals = self.head(x, heads) if heads else []
+        toks = {j: int(v[0]) for j, v in zip(heads, vals)}
+        for j, v in zip(ask, vals[len(emit):]):
+            if v[1] >= self.tau:  # confidence exit (Sec. 4.2 names CALM's softmax response)
+                emit[j] = rows[j][2] + 1
+        self.timer.mark("head + exits")
+        n_dec, exited = self.update(who, rows, emit, toks)
+        self.timer.mark("bookkeeping")
+        if exited and self.kv_fill != "exact":
+            e = torch.tensor([j for j, _ in exited], device=self.device)
+            fill_skipped_kv(self.model, x[e], slot[e], pos[e], [d for _, d in exited], L,
+                            self.kf, self.vf, self.kv_fill, self.timer)
+        self.steps += 1
+        return any(kind == "prefill" for kind, _ in who), n_dec
+
+    def exits(self, who, rows):
+        """-> ({row: loops done} of rows that emit a token now, rows whose exit needs the head)."""
+        emit, ask = {}, []
+        for j, ((kind, s), (_, p, lq, _)) in enumerate(zip(who, rows)):
+            if kind == "prefill" and lq + 1 == self.R and p == s.prompt - 1:
+                emit[j] = self.R  # the prompt's last row gives the request's first token
+            elif kind == "decode":
+                oracle = self.schedule[s.req].get(p, self.R) if self.exit_mode == "oracle" else self.R
+                if lq + 1 == self.R or lq + 1 >= oracle:
+                    emit[j] = lq + 1
+                elif self.exit_mode == "confidence":
+                    ask.append(j)
+        return emit, ask
+
+    def head(self, x, rows):
+        """[(argmax, max probability)] of the rows' logits (ln_f + lm_head): the ONE host read."""
+        logits = self.model.head(x[rows, 0]).float()  # (m, V)
+        conf = torch.zeros(len(rows), device=x.device)
+        if self.exit_mode == "confidence":
+            conf = (logits.max(-1).values - logits.logsumexp(-1)).exp()
+        return torch.stack([logits.argmax(-1).float(), conf], 1).tolist()
+
+    def update(self, who, rows, emit, toks):
+        """Move every slot on after a pass -> (decode tokens emitted, [[row, loops done]] of the
+        tokens that exited before the last loop)."""
+        n_dec, exited = 0, []
+        for j, ((kind, s), (_, p, lq, _)) in enumerate(zip(who, rows)):
+            if kind == "lazy":  # its next skipped loop, if any, runs in the next pass
+                if lq + 1 < self.R and s.req >= 0:
+                    s.lazy.append([p, lq + 1, j])
+            elif kind == "prefill" and p == s.prompt - 1:  # the prompt's last row moves it on
+                if lq + 1 < self.R:
+                    s.loop, s.src = lq + 1, j - p
                 else:
-                    loop[s] += 1
-            if refill == "static" and not any(left(s) for s in act):
-                req[:] = [-1] * max_batch  # the longest request of the batch is done: the batch ends
-    sync(device); wall = time.perf_counter() - t0
-    n_dec = sum(n - 1 for _, n in requests)  # decode tokens: the first token of each request comes from prefill
-    return {"tokens": out, "time_s": wall, "tok_per_s": sum(n for _, n in requests) / wall, "prefill_s": t_pre,
-            "decode_tok_per_s": n_dec / max(wall - t_pre, 1e-9), "steps": steps, "exit_hist": hist, "kv": (kc, vc)}
+                    s.prompt = 0
+                    self.next_token(s, toks[j], p)
+            elif kind == "decode" and j not in emit:
+                s.loop, s.src = lq + 1, j
+            elif kind == "decode":
+                d = emit[j]
+                if self.owed(s) > 0:
+                    self.exit_hist[d - 1] += 1
+                    n_dec += 1
+                if d < self.R:
+                    exited.append([j, d])
+                    if self.kv_fill == "exact":  # ALGO LOGIC: its loop d runs in the next pass
+                        s.lazy.append([p, d, j])
+                self.next_token(s, toks[j], p)
+        if self.refill == "static" and all(s.req < 0 or self.owed(s) == 0 for s in self.slots):
+            for s in self.slots:  # the longest request of the batch is done: the batch ends
+                s.req, s.lazy = -1, []
+        return n_dec, exited
+
+    def next_token(self, s, tok, p):
+        """Record the token chosen at position p; the slot moves on to p + 1, or frees."""
+        owed = self.owed(s)
+        if owed > 0:
+            self.out[s.req].append(tok)
+        # a finished row of a static batch computes on, as padding at its last position
+        s.pos, s.loop, s.tok = p + 1 if owed > 0 else p, 0, tok
+        if self.owed(s) == 0 and self.refill != "static":
+            s.req, s.lazy = -1, []  # pending lazy rows are dropped: nothing reads them any more
 
 @torch.no_grad()
-def trajectory_exits(model, requests, tokens, device):
-    """Teacher-force prompt + generated tokens; oracle exit loop per decode position: schedule[i][pos]."""
+def serve(model, requests, max_batch, device, **kw):
+    """Run an Engine (its arguments in **kw) to the end -> tokens per request, time, throughput
+    end to end and decode only (the steps without prefill rows), steps, exit histogram of the
+    decode tokens, the KV cache (kc, vc) and, with profile=True, seconds per phase."""
+    eng = Engine(model, requests, max_batch, device, **kw)
+    sync(device)
+    t0, dec_s, dec_n = time.perf_counter(), 0.0, 0
+    with autocast_ctx(device):
+        while eng.busy():
+            t1 = time.perf_counter()
+            prefill, n = eng.step()
+            if not prefill:
+                dec_s, dec_n = dec_s + time.perf_counter() - t1, dec_n + n
+    sync(device)
+    wall = time.perf_counter() - t0
+    return {"tokens": eng.out, "time_s": wall, "tok_per_s": sum(eng.n_new) / wall,
+            "decode_tok_per_s": dec_n / max(dec_s, 1e-9), "steps": eng.steps,
+            "exit_hist": eng.exit_hist, "kv": (eng.kc, eng.vc), "phases_s": eng.timer.s}
+
+@torch.no_grad()
+def trajectory_exits(model, requests, continuations, device):
+    """Teacher-force each prompt + its continuation (real text, as the paper's trajectories, Sec.
+    3.8) -> schedule[i][pos] = oracle exit loop of the token at each decode position."""
     sched = []
-    for (prompt, n), toks in zip(requests, tokens):
-        seq = torch.cat([prompt, torch.tensor(toks[:-1], dtype=torch.long)])[None].to(device)
+    for (prompt, n), cont in zip(requests, continuations):
+        seq = torch.cat([prompt, cont[:n - 1]])[None].to(device)
         with autocast_ctx(device):
             outs, _ = model(seq, all_exits=True)
-        am = torch.stack([o[0].argmax(-1) for o in outs])                  # (R, T)
+        am = torch.stack([o[0].argmax(-1) for o in outs])  # (R, T)
         e = oracle_exits((am == am[-1:]).cpu()).tolist()
         sched.append({q: e[q] for q in range(len(prompt), seq.size(1))})
     return sched
 
 @torch.no_grad()
-def step_times(model, batches, ctx, device, reps=10):
-    """Measured time of one shared-block pass (K blocks, one loop) at each batch size, KV length ctx."""
-    C, nh, dt, res = model.config.n_embd, model.config.n_head, amp_dtype(device), {}
+def step_times(model, batches, ctx, device, reps=30):
+    """Seconds of one shared-block pass (K blocks, one loop, KV length ctx) per batch size: the
+    median of reps passes, the batch sizes interleaved so that a load change hits them all."""
+    C, nh, dt = model.config.n_embd, model.config.n_head, amp_dtype(device)
+    ins, ts = {}, {b: [] for b in batches}
     for b in batches:  # mixed loops (lp) so relaxed models pay their per-row LoRA
         kv = torch.randn(b, nh, ctx, C // nh, device=device, dtype=dt)
-        hook = lambda kk, vv, kv=kv: (kv, kv, torch.ones(b, 1, 1, ctx, dtype=torch.bool, device=device))
-        x0, lp = torch.randn(b, 1, C, device=device), torch.arange(b, device=device) % model.n_loops
-        ts = []
-        for i in range(reps + 2):
-            sync(device); t0 = time.perf_counter()
+        mask = torch.ones(b, 1, 1, ctx, dtype=torch.bool, device=device)
+        lp = torch.arange(b, device=device) % model.n_loops
+        ins[b] = (torch.randn(b, 1, C, device=device), lp, lambda k, v, kv=kv, m=mask: (kv, kv, m))
+    for i in range(reps + 2):  # the first two rounds are warm-up
+        for b in batches:
+            x, lp, hook = ins[b]
+            sync(device)
+            t0 = time.perf_counter()
             with autocast_ctx(device):
-                x = x0
                 for blk in model.transformer.h:
                     x = blk(x, lp, hook)
-            sync(device); ts.append(time.perf_counter() - t0)
-        res[b] = float(np.median(ts[2:]))  # the first two are warm-up
-    return res
+            sync(device)
+            ts[b].append(time.perf_counter() - t0)
+    return {b: float(np.median(t[2:])) for b, t in ts.items()}
 
 def simulate(lengths, exits, t_step, max_batch, mode, R):
-    """The paper's simulator (Sec. 3.8, App. K): all requests queued at t=0; each step costs the measured
-    t_step[active batch] (seconds). lengths: decode tokens per request; exits[i]: exit loop per token. mode:
-    static (a batch steps until its longest request ends) | csb (step = full-model pass) | cdb (step = one
-    loop of the shared block) | ee_sync (early exit, no CDB: a step waits for its slowest token). -> (tok/s, steps)"""
-    t = lambda b, bs=sorted(t_step): float(np.interp(b, bs, [t_step[k] for k in bs]))  # step time at batch b
+    """The paper's simulator (Sec. 3.8, App. K): all requests queued at t=0; each step costs the
+    measured t_step[active batch] (seconds). lengths: decode tokens per request; exits[i]: exit
+    loop per token. mode: static (a batch steps until its longest request ends) | csb (step = one
+    full-model pass) | cdb (step = one loop of the shared block) | ee_sync (early exit without
+    CDB: batches as static, a step costs its slowest token's exit loop) -> (tok/s, steps)."""
+    t = lambda b, bs=sorted(t_step): float(np.interp(b, bs, [t_step[k] for k in bs]))
     total, steps, queue = 0.0, 0, deque(i for i, n in enumerate(lengths) if n > 0)
     slots = []  # [request, token index, loops done]
     while queue or slots:
         if mode in ("csb", "cdb") or not slots:
             while queue and len(slots) < max_batch:
                 slots.append([queue.popleft(), 0, 0])
-        # ee_sync: every slot makes one token per step, at the cost of the slowest slot's exit loop
-        total += t(len(slots)) * (max(exits[s[0]][s[1]] for s in slots) if mode == "ee_sync" else 1)
+        live = [s for s in slots if s[1] < lengths[s[0]]]  # finished rows of a batch compute on
+        total += t(len(slots)) * (max(exits[s[0]][s[1]] for s in live) if mode == "ee_sync" else 1)
         steps += 1
         for s in slots:
             s[2] += 1
             if mode != "cdb" or s[2] >= (exits[s[0]][s[1]] if exits else R):
                 s[1], s[2] = s[1] + 1, 0
-        if mode != "static" or all(s[1] >= lengths[s[0]] for s in slots):  # static: finished rows idle
-            slots = [s for s in slots if s[1] < lengths[s[0]]]  # in the batch until it ends; else they leave
+        if mode in ("csb", "cdb") or all(s[1] >= lengths[s[0]] for s in slots):
+            slots = [s for s in slots if s[1] < lengths[s[0]]]
     return sum(lengths) / total, steps
 
 # -----------------------------------------------------------------------------
 # the study: full model -> every run in cfg.runs, uptrained on the same tokens, evaluated
 
+# the code each stage is built by: a change in any of it gives the stage a new cache key
+STAGE_CODE = {"pretrain": ("GPT", "Block", "CausalSelfAttention", "MLP", "LoRALinear", "train",
+                           "get_lr", "uptrain_loss", "kd_loss"),
+              "study": ("convert", "source_layers"), "early_exit": ("early_exit_loss",)}
+
+def code_version(stage):
+    """Hash of the source of every function or class that builds the stage (and the stages before)."""
+    names = [n for st in STAGES[:STAGES.index(stage) + 1] for n in STAGE_CODE.get(st, ())]
+    src = "".join(inspect.getsource(globals()[n]) for n in names)
+    return hashlib.sha1(src.encode()).hexdigest()[:10]
+
 def cached(cfg, name, spec, device, build):
     """Reuse a finished stage from out_dir/ckpt/<name>-<hash of its spec>.pt, else build() and save
-    it as a plain-typed dict {model, model_args, config, step, extras} (loads with weights_only)."""
-    path = Path(cfg.out_dir) / "ckpt" / f"{name}-{hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]}.pt"
+    it as a plain-typed dict {model, model_args, config, step, extras} (loads with weights_only).
+    A damaged file is reported in one line and rebuilt."""
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    path = Path(cfg.out_dir) / "ckpt" / f"{name}-{key}.pt"
     if path.exists():
-        print(f"{name}: reusing {path}")
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        a = ck["model_args"]
-        model = GPT(GPTConfig(**{f.name: a[f.name] for f in fields(GPTConfig)}), a["n_loops"], a["lora_rank"])
-        model.load_state_dict(ck["model"])
-        return model.to(device).eval()
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+            a = ck["model_args"]
+            model = GPT(GPTConfig(**{f.name: a[f.name] for f in fields(GPTConfig)}), a["n_loops"],
+                        a["lora_rank"])
+            model.load_state_dict(ck["model"])
+            print(f"{name}: reusing {path}")
+            return model.to(device).eval()
+        except Exception as e:
+            print(f"{name}: {path} is damaged ({type(e).__name__}), rebuilding it")
     model, extras = build()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "config": asdict(cfg),
-                "model_args": {**asdict(model.config), "n_loops": model.n_loops, "lora_rank": model.lora_rank},
+    model_args = {**asdict(model.config), "n_loops": model.n_loops, "lora_rank": model.lora_rank}
+    torch.save({"model": model.state_dict(), "config": asdict(cfg), "model_args": model_args,
                 "step": extras.get("step", 0), "extras": extras}, path.with_suffix(".part"))
     path.with_suffix(".part").replace(path)  # never a half-written checkpoint
     return model.eval()
 
 def check_config(cfg):
     """Every bad input fails here (or while resolving init_from), before anything is written."""
+    positive = ("n_layer", "n_head", "n_embd", "block_size", "n_loops", "batch_size", "eval_batch_size",
+                "log_interval", "n_requests", "max_batch", "prompt_len", "bench_rounds")
+    counts = ("pretrain_iters", "uptrain_iters", "ee_iters", "eval_tokens", "lora_rank", "threads")
+    for name in positive + counts:
+        v = getattr(cfg, name)
+        if v < (1 if name in positive else 0):
+            raise UsageError(f"--{name}={v}: must be >= {1 if name in positive else 0}")
     for bad, msg in [
-            (cfg.n_loops < 1 or cfg.n_layer % cfg.n_loops, f"n_layer={cfg.n_layer} is not divisible by n_loops={cfg.n_loops}"),
-            (cfg.lora_rank < 0, f"lora_rank must be >= 0, got {cfg.lora_rank}"),
+            (cfg.n_embd % cfg.n_head, f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}"),
+            (cfg.n_layer % cfg.n_loops, f"n_layer={cfg.n_layer} is not divisible by n_loops={cfg.n_loops}"),
             (cfg.init not in INITS, f"unknown init {cfg.init!r}: use one of {INITS}"),
             (cfg.lora_init not in ("svd", "zero"), f"unknown lora_init {cfg.lora_init!r}: use svd or zero"),
             (cfg.stage not in STAGES, f"unknown stage {cfg.stage!r}: use one of {STAGES}"),
-            (cfg.init_from == "gpt2" and cfg.tokenizer != "gpt2", "init_from=gpt2 needs tokenizer=gpt2"),
-            (cfg.kv_fill not in ("propagate", "full"), f"unknown kv_fill {cfg.kv_fill!r}: use propagate or full"),
+            (cfg.tokenizer not in ("gpt2", "char"), f"unknown tokenizer {cfg.tokenizer!r}: use gpt2 or char"),
+            (cfg.init_from in GPT2_SIZES and cfg.tokenizer != "gpt2",
+             f"init_from={cfg.init_from} needs tokenizer=gpt2"),
+            (cfg.kv_fill not in KV_FILLS, f"unknown kv_fill {cfg.kv_fill!r}: use one of {KV_FILLS}"),
             (not 0 <= cfg.kd_weight <= 1, f"kd_weight must be in [0, 1], got {cfg.kd_weight}"),
+            (not 0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}"),
+            (not 0 <= cfg.conf_agree <= 1, f"conf_agree must be in [0, 1], got {cfg.conf_agree}"),
+            (not 0 <= cfg.warmup_frac <= 1 or not 0 <= cfg.min_lr_frac <= 1,
+             "warmup_frac and min_lr_frac must be in [0, 1]"),
+            (min(cfg.lr, cfg.pretrain_lr, cfg.kd_temp) <= 0, "lr, pretrain_lr and kd_temp must be > 0"),
+            (min(cfg.ee_weight, cfg.weight_decay, cfg.grad_clip) < 0,
+             "ee_weight, weight_decay and grad_clip must be >= 0"),
             (cfg.prompt_len + cfg.gen_max > cfg.block_size or not 2 <= cfg.gen_min <= cfg.gen_max,
              "need 2 <= gen_min <= gen_max (>= 1 decode step) and prompt_len + gen_max <= block_size")]:
         if bad:
-            raise ValueError(msg)
+            raise UsageError(msg)
     for name in cfg.runs.split(","):
         parse_run(name.strip(), cfg.n_layer, cfg.n_loops)
 
 def resolve_full(cfg, data_dir):
     """The full model's source, downloaded / loaded / checked before anything is written.
     Returns (meta, GPTConfig, state dict or None (= pretrain here), cache key)."""
-    full_sd = download_gpt2(data_dir) if cfg.init_from == "gpt2" else None
+    gpt2 = cfg.init_from in GPT2_SIZES
+    full_sd = download_gpt2(data_dir, cfg.init_from) if gpt2 else None
     meta = data.prepare_text(cfg.dataset, cfg.tokenizer, data_dir)
-    if cfg.init_from == "gpt2":
-        gcfg, key = GPTConfig(1024, 50257, 12, 12, 768, cfg.dropout, True), {"gpt2": GPT2_URL}
+    if cfg.stage == "all" and meta["n_tokens"]["test"] <= cfg.prompt_len + cfg.gen_max:
+        raise UsageError(f"the test split ({meta['n_tokens']['test']} tokens) is too short for "
+                         f"serving requests of prompt_len + gen_max = {cfg.prompt_len + cfg.gen_max}")
+    if gpt2:
+        gcfg, key = gpt2_config(full_sd, cfg.dropout), {"gpt2": gpt2_url(cfg.init_from)}
     elif cfg.init_from != "pretrain":
         gcfg, full_sd = load_full_checkpoint(cfg.init_from, meta["vocab_size"])
         gcfg.dropout = cfg.dropout
@@ -779,15 +1051,18 @@ def resolve_full(cfg, data_dir):
                "wd": cfg.weight_decay}
     if (gcfg.n_layer, gcfg.n_head, gcfg.n_embd) != (cfg.n_layer, cfg.n_head, cfg.n_embd):
         print(f"the full model is {gcfg.n_layer} x {gcfg.n_embd} ({gcfg.n_head} heads) ({cfg.init_from}): using it")
-        cfg.n_layer, cfg.n_head, cfg.n_embd = gcfg.n_layer, gcfg.n_head, gcfg.n_embd  # config.json tells the truth
+        # config.json tells the truth
+        cfg.n_layer, cfg.n_head, cfg.n_embd = gcfg.n_layer, gcfg.n_head, gcfg.n_embd
         check_config(cfg)
     gcfg.block_size = min(gcfg.block_size, cfg.block_size)  # train/eval context: cut wpe rows
-    if cfg.prompt_len + cfg.gen_max > gcfg.block_size:  # a short-context checkpoint: fail now, not after training
-        raise ValueError(f"prompt_len + gen_max = {cfg.prompt_len + cfg.gen_max} exceeds the model's context "
+    # a short-context checkpoint: fail now, not after training
+    if cfg.prompt_len + cfg.gen_max > gcfg.block_size:
+        raise UsageError(f"prompt_len + gen_max = {cfg.prompt_len + cfg.gen_max} exceeds the model's context "
                          f"{gcfg.block_size} ({cfg.init_from})")
     if full_sd is not None:
         full_sd["transformer.wpe.weight"] = full_sd["transformer.wpe.weight"][:gcfg.block_size]
     return meta, gcfg, full_sd, {"data": [cfg.dataset, cfg.tokenizer, meta["source_sha256"]], "src": key,
+                                 "code": code_version("pretrain"),
                                  "seed": cfg.seed, "ctx": [gcfg.block_size, gcfg.dropout],
                                  "sched": [cfg.warmup_frac, cfg.min_lr_frac, cfg.grad_clip]}
 
@@ -801,7 +1076,8 @@ def run(cfg):
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     logf = open(out / "log.jsonl", "a")
     log = lambda rec: (logf.write(json.dumps(rec) + "\n"), logf.flush())
-    print(f"device {device} | {cfg.dataset} {meta['n_tokens']} | N={N} -> K={N // R} x R={R}")
+    print(f"device {device} ({torch.get_num_threads()} threads) | {cfg.dataset} {meta['n_tokens']} | "
+          f"N={N} -> K={N // R} x R={R}")
     tr, va, te = (data.load_split(meta, s) for s in ("train", "val", "test"))
 
     def build_full():
@@ -820,7 +1096,8 @@ def run(cfg):
 
     # ALGO LOGIC: every run is converted from the same full model, then uptrained on the same
     # token windows with the same recipe and KD from the full model (Sec. 3.1, 3.6)
-    key = {**key, "up": [cfg.uptrain_iters, cfg.lr, cfg.batch_size, cfg.kd_weight, cfg.kd_temp, cfg.weight_decay, R]}
+    key = {**key, "code": code_version("study"),
+           "up": [cfg.uptrain_iters, cfg.lr, cfg.batch_size, cfg.kd_weight, cfg.kd_temp, cfg.weight_decay, R]}
     main_name = f"rec_{cfg.init}" if cfg.lora_rank == 0 else \
         f"{'relaxed' if cfg.lora_init == 'svd' else 'relaxedzero'}_{cfg.init}_r{cfg.lora_rank}"
     runs = [r.strip() for r in cfg.runs.split(",")]
@@ -835,12 +1112,17 @@ def run(cfg):
             print(f"{name}: {full.num_params() / 1e6:.2f}M -> {m.num_params() / 1e6:.2f}M non-embedding parameters")
             return m, {"step": cfg.uptrain_iters, "history": train(
                 m, tr, cfg, device, cfg.uptrain_iters, cfg.lr, teacher=full, name=name, log=log)}
-        m = models[name] = full if name == "full_pretrained" else cached(cfg, name, {**key, "run": name}, device, build)
+        if name == "full_pretrained":
+            m = models[name] = full
+        else:
+            m = models[name] = cached(cfg, name, {**key, "run": name}, device, build)
         v, t = evaluate(m, va, cfg, device), evaluate(m, te, cfg, device, collect=name == main_name)
-        before = t if name == main_name else before  # the main model before early-exit training (kept)
+        # the main model before early-exit training (kept)
+        before = t if name == main_name else before
         row = {"name": name, "non_emb_params": m.num_params(), "blocks": K, "loops": loops, "init": init,
                "lora_rank": rank, "lora_init": linit if rank else None, "val_ppl": v["ppl"], "test_ppl": t["ppl"],
-               "uptrain_tokens": cfg.uptrain_iters * cfg.batch_size * m.config.block_size * (name != "full_pretrained")}
+               "uptrain_tokens": cfg.uptrain_iters * cfg.batch_size * m.config.block_size
+               * (name != "full_pretrained")}
         if loops > 1:
             row["loop_val_ppl"], row["loop_test_ppl"] = v["loop_ppl"], t["loop_ppl"]
         summary["results"].append(row)
@@ -848,7 +1130,8 @@ def run(cfg):
         print(f"{name:24s} | {row['non_emb_params'] / 1e6:6.2f}M | val ppl {v['ppl']:8.2f} | test ppl {t['ppl']:8.2f}"
               + (f" | val ppl per loop {' '.join(f'{q:.2f}' for q in v['loop_ppl'])}" if loops > 1 else ""))
     summary["claims"] = check_claims(summary["results"])
-    print("\n".join(f"claim {k}: {v}" for k, v in summary["claims"].items()))
+    noise = " (tiny preset: noise at this size)" if cfg.preset == "tiny" else ""
+    print("\n".join(f"claim {k}: {v}{noise}" for k, v in summary["claims"].items()))
     if cfg.stage == "study":
         return finish(cfg, summary, out)
 
@@ -858,7 +1141,8 @@ def run(cfg):
         m.load_state_dict(models[main_name].state_dict())
         return m, {"step": cfg.ee_iters, "history": train(
             m, tr, cfg, device, cfg.ee_iters, cfg.lr, teacher=full, ee=True, name=main_name + "_ee", log=log)}
-    ee_model = cached(cfg, main_name + "_ee", {**key, "run": main_name, "ee": [cfg.ee_iters, cfg.ee_weight]},
+    ee_model = cached(cfg, main_name + "_ee", {**key, "run": main_name, "ee": [cfg.ee_iters, cfg.ee_weight],
+                                                       "code": code_version("early_exit")},
                       device, build_ee)
     rv, rt = evaluate(ee_model, va, cfg, device, collect=True), evaluate(ee_model, te, cfg, device, collect=True)
     tau = calibrate_tau(rv["maxp"], rv["agree"], cfg.conf_agree)
@@ -871,7 +1155,8 @@ def run(cfg):
     f = lambda xs: " ".join(f"{q:.2f}" for q in xs)
     print(f"early exit: test ppl per loop {f(rt['loop_ppl'])} (before EE training {f(before['loop_ppl'])}) | "
           f"oracle exit rate {ee['oracle']['exit_rate']:.3f} | confidence exits (tau {tau:.3f}) rate "
-          f"{ee['confidence']['exit_rate']:.3f}, agreement {ee['confidence']['agreement']:.3f}, ppl {ee['confidence']['ppl']:.2f}")
+          f"{ee['confidence']['exit_rate']:.3f}, agreement {ee['confidence']['agreement']:.3f}, "
+          f"ppl {ee['confidence']['ppl']:.2f}")
     if cfg.stage == "all":
         summary["throughput"] = throughput(cfg, models.get("full", full), ee_model, te, tau, device, log)
     return finish(cfg, summary, out)
@@ -893,54 +1178,111 @@ def check_claims(rows):
         claims["relaxed_ppl_falls_with_rank"] = all(a[1] > b[1] for a, b in zip(avg, avg[1:]))
     return claims
 
+def serving_requests(cfg, arr):
+    """n_requests prompts from the test split, each with its real continuation -> (requests, conts)."""
+    rng, P = np.random.default_rng(cfg.seed), cfg.prompt_len
+    starts = rng.integers(0, len(arr) - P - cfg.gen_max, cfg.n_requests)
+    lens = rng.integers(cfg.gen_min, cfg.gen_max + 1, cfg.n_requests)
+    piece = lambda a, b: torch.from_numpy(arr[a:b].astype(np.int64))
+    return [(piece(s, s + P), int(n)) for s, n in zip(starts, lens)], \
+        [piece(s + P, s + P + n) for s, n in zip(starts, lens)]
+
+def spread(xs):  # median and range of per-round figures
+    return {"median": float(np.median(xs)), "min": float(min(xs)), "max": float(max(xs))}
+
 def throughput(cfg, full, rec, arr, tau, device, log):
-    """Same requests, same hardware: full model (static, CSB) vs recursive CDB (no exit, oracle, confidence;
-    best of 3 each), beside the paper's simulator (measured step times x oracle exit trajectories)."""
-    rng = np.random.default_rng(cfg.seed)
-    reqs = [(torch.from_numpy(arr[s:s + cfg.prompt_len].astype(np.int64)), int(rng.integers(cfg.gen_min, cfg.gen_max + 1)))
-            for s in rng.integers(0, len(arr) - cfg.prompt_len, cfg.n_requests)]
-    serve(full, reqs[:2], 2, device), serve(rec, reqs[:2], 2, device)  # warm-up (allocator, kernels)
-    best = lambda m, **kw: max((serve(m, reqs, cfg.max_batch, device, **kw) for _ in range(3)), key=lambda r: r["tok_per_s"])
-    res = {"full_static": best(full, refill="static"), "full_csb": best(full), "cdb_no_exit": best(rec)}
-    sched = trajectory_exits(rec, reqs, res["cdb_no_exit"]["tokens"], device)
-    res["cdb_oracle"] = best(rec, exit_mode="oracle", schedule=sched, kv_fill=cfg.kv_fill)
-    res["cdb_confidence"] = best(rec, exit_mode="confidence", tau=tau, kv_fill=cfg.kv_fill)
+    """The serving benchmark: the same requests through the full model (static batching, CSB) and
+    the recursive model (CDB without exits, with oracle exits from real text, with confidence
+    exits), interleaved over bench_rounds rounds; one profiled round per scheduler for the time
+    per phase; and the paper's simulator (measured step times x the same exit trajectories)."""
+    reqs, conts = serving_requests(cfg, arr)
+    sched = trajectory_exits(rec, reqs, conts, device)
+    kinds = {"full_static": (full, dict(refill="static")), "full_csb": (full, {}), "cdb_no_exit": (rec, {}),
+             "cdb_oracle": (rec, dict(exit_mode="oracle", schedule=sched, kv_fill=cfg.kv_fill)),
+             "cdb_confidence": (rec, dict(exit_mode="confidence", tau=tau, kv_fill=cfg.kv_fill))}
+    for m in (full, rec):
+        serve(m, reqs[:2], 2, device)  # warm-up (allocator, kernels)
+    runs, t0 = {k: [] for k in kinds}, time.perf_counter()
+    prof = device != "cuda"  # off CUDA the phase timer never synchronises: profile every round
+    for r in range(cfg.bench_rounds):  # interleaved: a change of machine load hits every scheduler
+        for k, (m, kw) in kinds.items():
+            runs[k].append(serve(m, reqs, cfg.max_batch, device, profile=prof, **kw))
+        eta = (time.perf_counter() - t0) / (r + 1) * (cfg.bench_rounds - r)
+        print(f"serving round {r + 1}/{cfg.bench_rounds} | " + " | ".join(
+            f"{k} {v[-1]['tok_per_s']:.0f}" for k, v in runs.items()) + f" tok/s | eta {fmt_eta(eta)}")
+    if prof:  # seconds per phase, the mean of a run over the rounds
+        phases = {k: {p: float(np.mean([r["phases_s"][p] for r in v])) for p in v[0]["phases_s"]}
+                  for k, v in runs.items()}
+    else:  # CUDA: one more, profiled, run per scheduler (its synchronisations would slow the rounds)
+        phases = {k: serve(m, reqs, cfg.max_batch, device, profile=True, **kw)["phases_s"]
+                  for k, (m, kw) in kinds.items()}
+    e2e = {k: [r["tok_per_s"] for r in v] for k, v in runs.items()}
+    dec = {k: [r["decode_tok_per_s"] for r in v] for k, v in runs.items()}
+    ratio = lambda m, a, b: spread([x / y for x, y in zip(m[a], m[b])])  # per round, then spread
+    pairs = [(a, b) for a in ("cdb_oracle", "cdb_confidence", "cdb_no_exit")
+             for b in ("full_static", "full_csb")]
+    hist = runs["cdb_oracle"][0]["exit_hist"]
     same = lambda a, b: float(np.mean([x == y for ta, tb in zip(a, b) for x, y in zip(ta, tb)]))
-    th = {"measured": {k: round(v["tok_per_s"], 1) for k, v in res.items()},
-          # decode only (prefill time and each request's first token left out): the simulator's quantity
-          "measured_decode": {k: round(v["decode_tok_per_s"], 1) for k, v in res.items()},
-          "prefill_s": {k: round(v["prefill_s"], 4) for k, v in res.items()},
-          "kv_fill": cfg.kv_fill, "device": device, "n_requests": cfg.n_requests, "max_batch": cfg.max_batch,
-          "exit_hist_oracle": res["cdb_oracle"]["exit_hist"], "exit_hist_confidence": res["cdb_confidence"]["exit_hist"],
-          "token_agreement_with_full_model_csb": same(res["full_csb"]["tokens"], res["cdb_no_exit"]["tokens"]),
-          "token_agreement_oracle_vs_no_exit": same(res["cdb_oracle"]["tokens"], res["cdb_no_exit"]["tokens"])}
-    hist, mt = res["cdb_oracle"]["exit_hist"], th["measured"]
-    th.update(mean_exit_loop=sum((i + 1) * c for i, c in enumerate(hist)) / max(1, sum(hist)),
-              speedup_cdb_oracle_vs_static=mt["cdb_oracle"] / mt["full_static"],
-              speedup_cdb_oracle_vs_csb=mt["cdb_oracle"] / mt["full_csb"])
-    # ALGO LOGIC: the paper's simulator: measured block-pass times x exit trajectories
+    th = {"measured": {k: spread(v) for k, v in e2e.items()},
+          "measured_decode": {k: spread(v) for k, v in dec.items()},
+          "speedup": {f"{a}_vs_{b}": ratio(e2e, a, b) for a, b in pairs},
+          "speedup_decode": {f"{a}_vs_{b}": ratio(dec, a, b) for a, b in pairs},
+          "phases_s": phases, "rounds": cfg.bench_rounds, "kv_fill": cfg.kv_fill, "device": device,
+          "n_requests": cfg.n_requests, "max_batch": cfg.max_batch, "exit_hist_oracle": hist,
+          "exit_hist_confidence": runs["cdb_confidence"][0]["exit_hist"],
+          "mean_exit_loop": sum((i + 1) * c for i, c in enumerate(hist)) / max(1, sum(hist)),
+          "token_agreement_cdb_vs_full_csb": same(runs["full_csb"][0]["tokens"],
+                                                  runs["cdb_no_exit"][0]["tokens"]),
+          "token_agreement_oracle_vs_no_exit": same(runs["cdb_oracle"][0]["tokens"],
+                                                    runs["cdb_no_exit"][0]["tokens"])}
+    th.update(simulator(cfg, full, rec, reqs, sched, device))
+    log({"throughput": th})
+    print_throughput(cfg, th)
+    return th
+
+def simulator(cfg, full, rec, reqs, sched, device):
+    """ALGO LOGIC: the paper's simulator: measured block-pass times x the oracle exit trajectories,
+    the KV cache at the simulator's context, prompt + half the generation (mean over requests)."""
     bs = sorted({cfg.max_batch} | {2 ** i for i in range(int(math.log2(cfg.max_batch)) + 1)})
-    ctx = cfg.prompt_len + (cfg.gen_min + cfg.gen_max) // 2
+    ctx = cfg.prompt_len + round(np.mean([n for _, n in reqs]) / 2)
     t_full, t_block = step_times(full, bs, ctx, device), step_times(rec, bs, ctx, device)
     lengths = [n - 1 for _, n in reqs]
-    exits = [[sched[i][len(reqs[i][0]) + j] for j in range(lengths[i])] for i in range(len(reqs))]
+    exits = [[sched[i][len(p) + j] for j in range(lengths[i])] for i, (p, _) in enumerate(reqs)]
     sim = {k: simulate(lengths, e, t, cfg.max_batch, mode, r)[0] for k, e, t, mode, r in [
         ("full_static", None, t_full, "static", 1), ("full_csb", None, t_full, "csb", 1),
         ("cdb_no_exit", None, t_block, "cdb", rec.n_loops),
         ("cdb_oracle", exits, t_block, "cdb", rec.n_loops), ("ee_sync_no_cdb", exits, t_block, "ee_sync", 0)]}
-    th.update(simulated={k: round(v, 1) for k, v in sim.items()},
-              sim_speedup_cdb_oracle_vs_static=sim["cdb_oracle"] / sim["full_static"],
-              sim_speedup_cdb_oracle_vs_csb=sim["cdb_oracle"] / sim["full_csb"],
-              step_time_ms={n: {b: 1e3 * v for b, v in t.items()} for n, t in (("full", t_full), ("block", t_block))})
-    log({"throughput": th})
-    print("scheduler        measured tok/s (decode only) | simulated tok/s (decode steps, block time only)")
-    for k in list(mt) + ["ee_sync_no_cdb"]:
-        print(f"{k:16s} {mt.get(k, float('nan')):14.1f} ({th['measured_decode'].get(k, float('nan')):7.1f}) | "
-              f"{sim.get(k, float('nan')):14.1f}")
-    print(f"CDB + oracle exits: x{th['speedup_cdb_oracle_vs_static']:.2f} vs static, x{th['speedup_cdb_oracle_vs_csb']:.2f} "
-          f"vs CSB (simulator x{th['sim_speedup_cdb_oracle_vs_static']:.2f}, x{th['sim_speedup_cdb_oracle_vs_csb']:.2f}); "
-          f"mean exit loop {th['mean_exit_loop']:.2f}, histogram {hist}")
-    return th
+    tables = {"full": t_full, "block": t_block}
+    monotonic = {n: all(t[a] <= t[b] for a, b in zip(bs, bs[1:])) for n, t in tables.items()}
+    return {"simulated": {k: round(v, 1) for k, v in sim.items()}, "sim_context": ctx,
+            "sim_speedup_cdb_oracle_vs_static": sim["cdb_oracle"] / sim["full_static"],
+            "sim_speedup_cdb_oracle_vs_csb": sim["cdb_oracle"] / sim["full_csb"],
+            "step_time_ms": {n: {b: 1e3 * v for b, v in t.items()} for n, t in tables.items()},
+            "step_times_monotonic": monotonic}
+
+def print_throughput(cfg, th):
+    tiny = " (tiny preset: timing noise at this size)" if cfg.preset == "tiny" else ""
+    f = lambda s, p=0: f"{s['median']:.{p}f} [{s['min']:.{p}f}, {s['max']:.{p}f}]"
+    print(f"serving{tiny}: {th['n_requests']} requests, {th['max_batch']} slots, kv_fill {th['kv_fill']}, "
+          f"{th['rounds']} interleaved rounds; tok/s median [min, max]")
+    print(f"{'scheduler':16s} {'end to end':>24s} {'decode only':>24s} {'simulated':>10s}")
+    for k in th["measured"]:
+        print(f"{k:16s} {f(th['measured'][k]):>24s} {f(th['measured_decode'][k]):>24s} "
+              f"{th['simulated'].get(k, float('nan')):10.1f}")
+    print(f"{'ee_sync_no_cdb':16s} {'':>24s} {'':>24s} {th['simulated']['ee_sync_no_cdb']:10.1f}")
+    for k in ("cdb_oracle_vs_full_static", "cdb_oracle_vs_full_csb"):
+        print(f"speedup {k}: end to end x{f(th['speedup'][k], 2)} | decode only x{f(th['speedup_decode'][k], 2)}")
+    print(f"simulator x{th['sim_speedup_cdb_oracle_vs_static']:.2f} vs static, x{th['sim_speedup_cdb_oracle_vs_csb']:.2f}"
+          f" vs CSB at context {th['sim_context']}; mean exit loop {th['mean_exit_loop']:.2f}, histogram "
+          f"{th['exit_hist_oracle']}")
+    for n, ok in th["step_times_monotonic"].items():
+        if not ok:
+            print(f"note: the measured {n} step times are not monotonic in batch size (a loaded machine?): "
+                  + " ".join(f"{b}:{t:.3f}" for b, t in th["step_time_ms"][n].items()) + " ms")
+    for k, ph in th["phases_s"].items():
+        tot = sum(ph.values())
+        shares = " | ".join(f"{p} {100 * v / tot:.0f}%" for p, v in ph.items())
+        print(f"phases {k:16s} {shares} of {tot:.3f} s")
 
 # -----------------------------------------------------------------------------
 # outputs
@@ -953,7 +1295,8 @@ def finish(cfg, summary, out):
     return summary
 
 def save_plots(summary, out):
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = summary["results"]
     if rows:  # the paper's Pareto picture: perplexity vs non-embedding parameters
@@ -966,7 +1309,9 @@ def save_plots(summary, out):
         ax.plot(*zip(*avg), color="C1", lw=1) if avg else None  # the relaxed frontier
         ax.set(xlabel="non-embedding parameters (M)", ylabel="validation perplexity",
                title="Recursive / relaxed vs full and reduced models")
-        fig.tight_layout(); fig.savefig(out / "pareto.png", dpi=110); plt.close(fig)
+        fig.tight_layout()
+        fig.savefig(out / "pareto.png", dpi=110)
+        plt.close(fig)
     ee, th = summary["early_exit"], summary["throughput"]
     if ee:
         fig, ax = plt.subplots(figsize=(5, 3.4))
@@ -975,26 +1320,63 @@ def save_plots(summary, out):
             hst = np.array(ee[k]["hist"]) / max(1, sum(ee[k]["hist"]))
             ax.bar(np.arange(1, R + 1) + 0.2 * (2 * j - 1), hst, width=0.4, label=lab)
         ax.set(xlabel="exit loop", ylabel="fraction of test tokens", title=f"Exit histogram ({ee['model']})")
-        ax.set_xticks(range(1, R + 1)); ax.legend()
-        fig.tight_layout(); fig.savefig(out / "exit_hist.png", dpi=110); plt.close(fig)
+        ax.set_xticks(range(1, R + 1))
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "exit_hist.png", dpi=110)
+        plt.close(fig)
     if th:
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         keys, x = list(th["measured"]), np.arange(len(th["measured"]))
-        ax.bar(x - 0.2, [th["measured"][k] for k in keys], 0.4, label="measured engine")
-        ax.bar(x + 0.2, [th["simulated"].get(k, 0) for k in keys], 0.4, label="simulator (block time)")
-        ax.set_xticks(x); ax.set_xticklabels(keys, fontsize=8); ax.legend(fontsize=8)
-        ax.set(ylabel="tokens / s", title=f"Greedy decoding throughput ({th['device']})")
-        fig.tight_layout(); fig.savefig(out / "throughput.png", dpi=110); plt.close(fig)
+        for off, (src, lab) in zip((-0.27, 0, 0.27), (("measured", "engine, end to end"),
+                                                       ("measured_decode", "engine, decode only"))):
+            med = [th[src][k]["median"] for k in keys]
+            err = [[m - th[src][k]["min"] for m, k in zip(med, keys)],
+                   [th[src][k]["max"] - m for m, k in zip(med, keys)]]
+            ax.bar(x + off, med, 0.27, yerr=err, capsize=2, label=lab)
+        ax.bar(x + 0.27, [th["simulated"].get(k, 0) for k in keys], 0.27, label="simulator (block time)")
+        ax.set_xticks(x)
+        ax.set_xticklabels(keys, fontsize=8)
+        ax.legend(fontsize=8)
+        ax.set(ylabel="tokens / s", title=f"Greedy decoding, median of {th['rounds']} rounds ({th['device']})")
+        fig.tight_layout()
+        fig.savefig(out / "throughput.png", dpi=110)
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))  # where the engine's time goes, per scheduler
+        keys, left = list(th["phases_s"]), np.zeros(len(th["phases_s"]))
+        for ph in dict.fromkeys(p for v in th["phases_s"].values() for p in v):
+            w = np.array([th["phases_s"][k].get(ph, 0.0) for k in keys])
+            ax.barh(keys, w, left=left, label=ph)
+            left += w
+        ax.invert_yaxis()
+        ax.legend(fontsize=8)
+        ax.set(xlabel="seconds per run", title=f"Engine time per phase (kv_fill {th['kv_fill']})")
+        fig.tight_layout()
+        fig.savefig(out / "phases.png", dpi=110)
+        plt.close(fig)
 
 def main(argv=None):
-    cfg = parse_config(argv)
-    print(json.dumps(asdict(cfg)))
-    t0, summary = time.time(), run(cfg)
+    """The command line. A user mistake is one `error:` line on stderr and exit code 2."""
+    threads = torch.get_num_threads()
+    try:
+        cfg = parse_config(argv)
+        print(json.dumps(asdict(cfg)))
+        # these models are small: more threads than one fight each other (and any other job) for
+        # the cores; on a shared 2-core machine the tiny run took 1m47s with 2 threads, 23 s with 1
+        if cfg.threads or (get_device(cfg.device) == "cpu" and "OMP_NUM_THREADS" not in os.environ):
+            torch.set_num_threads(cfg.threads or 1)
+        t0, summary = time.time(), run(cfg)
+    except (UsageError, data.DataError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print(f"\nstopped: finished stages are in {Path(cfg.out_dir) / 'ckpt'}; the same command "
+              f"continues from them", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        torch.set_num_threads(threads)  # main(argv) called from Python leaves the process as it was
     print(f"done in {fmt_eta(time.time() - t0)}")
     return summary
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    main()

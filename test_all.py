@@ -268,7 +268,7 @@ def test_tying_untied_equals_plain_gpt_and_hf_gpt2():
     assert "transformer.h.3.mlp.c_fc.weight" in sd and "lm_head.weight" in sd
     tf = pytest.importorskip("transformers")
     hf = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=4, n_head=2,
-        activation_function="gelu", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, layer_norm_epsilon=1e-5)).eval()
+        activation_function="gelu_new", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, layer_norm_epsilon=1e-5)).eval()
     conv = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     hf.load_state_dict({k: (v.t() if k.endswith(conv) else v) for k, v in sd.items()}, strict=False)
     assert torch.allclose(hf(idx).logits, logits, atol=1e-5)
@@ -492,6 +492,8 @@ def test_tying_compiled_forward_is_one_graph_for_every_tie_map_and_exact():
 # -----------------------------------------------------------------------------
 # recursive.py: Relaxed Recursive Transformers (conversion, SVD-LoRA, KD, early exit, CDB engine)
 
+import dataclasses, subprocess, sys  # for the command-line tests below
+
 def _rr_gpt(n_layer=4, bias=True, vocab=97, seed=0, n_embd=32):
     torch.manual_seed(seed)
     return RR.GPT(RR.GPTConfig(block_size=48, vocab_size=vocab, n_layer=n_layer, n_head=2,
@@ -598,12 +600,18 @@ def test_recursive_gpt2_matches_transformers():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     hc = transformers.GPT2Config(vocab_size=97, n_positions=48, n_embd=32, n_layer=3, n_head=2,
-                                 activation_function="gelu", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+                                 activation_function="gelu_new", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+                                 initializer_range=0.2)  # large weights: an erf GELU would miss by 1e-3
     hf = transformers.GPT2LMHeadModel(hc).eval()
     ours = RR.GPT(RR.GPTConfig(block_size=48, vocab_size=97, n_layer=3, n_head=2, n_embd=32)).eval()
     ours.load_state_dict(RR.gpt2_to_nanogpt(hf.state_dict()))
     with torch.no_grad():
         assert torch.allclose(ours(idx := torch.randint(0, 97, (2, 20)))[0], hf(idx).logits, atol=1e-4)
+
+def test_recursive_mlp_uses_gpt2_tanh_gelu():  # HF's gelu_new; also checked above when transformers is present
+    x = torch.linspace(-4, 4, 101)
+    want = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    assert torch.allclose(_rr_gpt().transformer.h[0].mlp.gelu(x), want, atol=1e-6)
 
 def test_recursive_distillation_zero_when_student_equals_teacher():
     a, b, y = torch.randn(2, 5, 11), torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
@@ -634,9 +642,71 @@ def test_recursive_early_exit_loss_weights():
 def _rr_relaxed(seed=0):
     return (full := _rr_gpt(seed=seed)), RR.convert(full, 2, 2, "average", 4).eval()   # SVD-LoRA: the loops differ
 
-def _rr_requests(n=7, P=5, vocab=97):
+def _rr_requests(n=7, P=(5, 3, 6, 5, 4, 7, 2), vocab=97):  # prompts of different lengths
     g = torch.Generator().manual_seed(0)
-    return [(torch.randint(0, vocab, (P,), generator=g), int(k)) for k in [3, 9, 1, 6, 12, 4, 8][:n]]
+    return [(torch.randint(0, vocab, (p,), generator=g), int(k)) for p, k in zip(P, [3, 9, 1, 6, 12, 4, 8][:n])]
+
+@torch.no_grad()
+def _rr_reference_decode(model, prompt, n_new, exit_of, kv_fill):
+    """Cache-free greedy decoding with early exits, independent of the engine: every new token
+    reruns the whole sequence densely. exit_of(pos, maxp (R,)) -> 1-based exit loop of the token at
+    pos. kv_fill full / exact: earlier tokens ran every loop; propagate: an exited token's state
+    stops changing after its exit loop, so later depths see (and attend to) that state."""
+    R, P, seq, ex = model.n_loops, len(prompt), prompt.tolist(), {}
+    for _ in range(n_new):
+        T, x, last = len(seq), model.embed(torch.tensor([seq])), []
+        for loop in range(R):
+            for blk in model.transformer.h:
+                y = blk(x, loop)
+                if kv_fill == "propagate":
+                    runs = torch.tensor([ex.get(q, R) > loop for q in range(T)])[None, :, None]
+                    y = torch.where(runs, y, x)
+                x = y
+            last.append(x[0, -1])
+        logits = model.head(torch.stack(last)).float()  # (R, V): the newest token after each loop
+        e = R if T - 1 < P else exit_of(T - 1, logits.softmax(-1).max(-1).values)
+        ex[T - 1] = e
+        seq.append(int(logits[e - 1].argmax()))
+    return seq[P:]
+
+def test_recursive_engine_equals_cache_free_decoder():
+    """Random oracle schedules, confidence and no exits; every kv_fill; 1 / 3 / 9 slots; CDB and
+    static batching; prompts of different lengths (chunked prefill); R = 3 (chains of lazy rows)."""
+    full = _rr_gpt(n_layer=6)
+    rec, reqs, R, tau = RR.convert(full, 2, 3, "average", 4).eval(), _rr_requests(), 3, 0.016
+    rnd = np.random.default_rng(0)
+    sched = [{q: int(rnd.integers(1, R + 1)) for q in range(len(p), len(p) + n)} for p, n in reqs]
+    exit_of = {"oracle": lambda i: lambda q, mp: sched[i][q], "none": lambda i: lambda q, mp: R,
+               "confidence": lambda i: lambda q, mp: next((l + 1 for l in range(R - 1) if mp[l] >= tau), R)}
+    for kv_fill in RR.KV_FILLS:
+        for mode in ("oracle", "confidence", "none"):
+            want = [_rr_reference_decode(rec, p, n, exit_of[mode](i), kv_fill) for i, (p, n) in enumerate(reqs)]
+            hist = None
+            for slots, refill in ((1, "continuous"), (3, "continuous"), (9, "continuous"), (3, "static")):
+                res = RR.serve(rec, reqs, slots, "cpu", refill=refill, exit_mode=mode, schedule=sched,
+                               tau=tau, kv_fill=kv_fill)
+                assert res["tokens"] == want, (kv_fill, mode, slots, refill)
+                assert hist in (None, res["exit_hist"]) and sum(res["exit_hist"]) == sum(n - 1 for _, n in reqs)
+                hist = res["exit_hist"]
+            assert mode == "none" or hist[0] > 0  # some tokens did exit early
+
+def test_recursive_exact_kv_equals_full_in_tokens_steps_and_cache():
+    (_, rec), reqs = _rr_relaxed(), _rr_requests()
+    base = RR.serve(rec, reqs, 3, "cpu")
+    conts = [torch.tensor(t) for t in base["tokens"]]
+    sched = RR.trajectory_exits(rec, reqs, conts, "cpu")
+    assert all(e in (1, 2) for s in sched for e in s.values())
+    runs = {kv: RR.serve(rec, reqs, 3, "cpu", exit_mode="oracle", schedule=sched, kv_fill=kv) for kv in RR.KV_FILLS}
+    ex, fu, pr = runs["exact"], runs["full"], runs["propagate"]
+    assert ex["tokens"] == fu["tokens"] == base["tokens"]  # the oracle schedule of the greedy text
+    assert ex["steps"] == fu["steps"] == pr["steps"] < base["steps"] and ex["exit_hist"][0] > 0
+    (p, n) = reqs[4]  # one request alone: every cache entry a later token reads equals the dense K/V
+    one = {kv: RR.serve(rec, [(p, n)], 1, "cpu", exit_mode="oracle", schedule=[sched[4]], kv_fill=kv)
+           for kv in ("exact", "full")}
+    T = len(p) + n - 2  # the newest token's K/V is never read; positions < T are
+    for kv in ("exact", "full"):
+        kc = one[kv]["kv"][0]
+        assert torch.allclose(kc[:, 0, :, :T], one["full"]["kv"][0][:, 0, :, :T], atol=1e-5)
 
 def test_recursive_cdb_without_exits_is_greedy_decoding_and_refills():
     (full, rec), reqs = _rr_relaxed(), _rr_requests()
@@ -646,12 +716,15 @@ def test_recursive_cdb_without_exits_is_greedy_decoding_and_refills():
             res = RR.serve(model, reqs, 3, "cpu", refill=refill)   # 7 requests through 3 slots
             assert res["tokens"] == want
             assert res["exit_hist"][-1] == sum(n - 1 for _, n in reqs)  # every decode token ran all loops
+            assert res["decode_tok_per_s"] > 0 and res["phases_s"] == {}
     assert RR.serve(rec, reqs, 3, "cpu")["steps"] < RR.serve(rec, reqs, 3, "cpu", refill="static")["steps"]  # refills
     blk, sizes = full.transformer.h[0], []  # static batching: finished rows compute on until the batch ends
-    blk.forward = lambda x, *a, f=blk.forward: sizes.append(x.shape[:2]) or f(x, *a)
-    RR.serve(full, reqs, 3, "cpu", refill="static")   # batches [3, 9, 1], [6, 12, 4], [8]
+    blk.forward = lambda x, *a, f=blk.forward: sizes.append(len(x)) or f(x, *a)
+    RR.serve(full, reqs[:3], 3, "cpu", refill="static")   # one batch [3, 9, 1] after a 14-row prefill
     del blk.forward
-    assert {b for b, t in sizes if t == 1} == {3, 1}  # decode steps never run a shrunken batch of 2
+    assert sizes == [5 + 3 + 6] + [3] * 8  # 9 new tokens: 1 from the prefill pass, 8 decode passes of 3 rows
+    ph = RR.serve(rec, reqs, 3, "cpu", profile=True)["phases_s"]
+    assert {"rows + embed", "blocks", "kv cache", "head + exits"} <= set(ph) and all(v >= 0 for v in ph.values())
 
 def test_recursive_cdb_kv_cache_has_one_entry_per_depth():
     (_, rec), (p, n) = _rr_relaxed(), _rr_requests(1)[0]
@@ -668,25 +741,11 @@ def test_recursive_cdb_kv_cache_has_one_entry_per_depth():
         assert torch.allclose(kc[d, 0, :, :T], k[0], atol=1e-5) and torch.allclose(vc[d, 0, :, :T], v[0], atol=1e-5)
     assert not torch.allclose(kc[0, 0, :, :T], kc[2, 0, :, :T])  # loop 1 and loop 2 of block 0 differ
 
-def test_recursive_oracle_exits_save_steps_and_full_kv_keeps_greedy_tokens():
+def test_recursive_propagate_keys_are_the_exited_state_through_each_depth():
     (_, rec), reqs = _rr_relaxed(), _rr_requests()
-    base = RR.serve(rec, reqs, 3, "cpu")
-    sched = RR.trajectory_exits(rec, reqs, base["tokens"], "cpu")
-    assert all(e in (1, 2) for s in sched for e in s.values())
-    # charging the full compute: the skipped loops really run for exited tokens, so the KV cache
-    # and therefore every token equal plain greedy decoding, in fewer engine steps
-    full_kv = RR.serve(rec, reqs, 3, "cpu", exit_mode="oracle", schedule=sched, kv_fill="full")
-    assert full_kv["tokens"] == base["tokens"]
-    assert full_kv["exit_hist"] == [sum(e == l for s in sched for e in s.values()) for l in (1, 2)]
-    assert full_kv["exit_hist"][0] > 0 and full_kv["steps"] < base["steps"]
-    prop = RR.serve(rec, reqs, 3, "cpu", exit_mode="oracle", schedule=sched, kv_fill="propagate")
-    assert prop["steps"] == full_kv["steps"] and prop["exit_hist"][0] > 0
-    conf = RR.serve(rec, reqs, 3, "cpu", exit_mode="confidence", tau=0.0)  # tau 0: all exit after loop 1
-    assert conf["exit_hist"] == [sum(n - 1 for _, n in reqs), 0]
-    # propagate: each exited token's keys at the loop-2 depths are its loop-1 state (a teacher-forced
-    # loop-1 pass gives it) through that depth's ln_1 + c_attn with the loop-2 LoRA
     (pr, n), K, C = reqs[4], rec.config.n_layer, rec.config.n_embd
-    one = RR.serve(rec, [(pr, n)], 1, "cpu", exit_mode="confidence", tau=0.0)
+    one = RR.serve(rec, [(pr, n)], 1, "cpu", exit_mode="confidence", tau=0.0, kv_fill="propagate")
+    assert one["exit_hist"] == [n - 1, 0]  # tau 0: every decode token exits after loop 1
     x = rec.embed(torch.cat([pr, torch.tensor(one["tokens"][0][:-1])])[None])  # (1, P + n - 1, C)
     for blk in rec.transformer.h:
         x = blk(x, 0)
@@ -694,6 +753,19 @@ def test_recursive_oracle_exits_save_steps_and_full_kv_keeps_greedy_tokens():
         want = blk.attn.c_attn(blk.ln_1(x), 1)[0, len(pr):, C:2 * C]              # (n - 1, C) keys
         got = one["kv"][0][K + k, 0, :, len(pr):len(pr) + n - 1].transpose(0, 1).flatten(1)  # (n - 1, nh * hs)
         assert torch.allclose(got, want, atol=1e-5)
+
+def test_recursive_oracle_exits_come_from_real_continuations(tmp_path):
+    (_, rec), cfg = _rr_relaxed(), _rr_cfg(tmp_path, n_requests=4, prompt_len=5, gen_min=3, gen_max=9)
+    arr = np.random.default_rng(0).integers(0, 97, 500)
+    reqs, conts = RR.serving_requests(cfg, arr)
+    for (p, n), c in zip(reqs, conts):  # the continuation is the text that follows the prompt
+        i = next(i for i in range(len(arr)) if np.array_equal(arr[i:i + len(p)], p.numpy()))
+        assert np.array_equal(arr[i + len(p):i + len(p) + n], c.numpy()) and 3 <= n <= 9
+    sched = RR.trajectory_exits(rec, reqs, conts, "cpu")
+    (p, n), c = reqs[0], conts[0]
+    outs, _ = rec(torch.cat([p, c[:n - 1]])[None], all_exits=True)
+    agree = torch.stack([o[0].argmax(-1) for o in outs])
+    assert [sched[0][q] for q in range(len(p), len(p) + n - 1)] == RR.oracle_exits(agree == agree[-1:])[len(p):].tolist()
 
 def test_recursive_exit_rules_and_calibration():
     agree = torch.tensor([[True, False, True, False], [True, True, True, True]])
@@ -718,6 +790,32 @@ def test_recursive_simulator_planted_schedules():
     assert RR.simulate(L, [[1] * n for n in L], t, 2, "cdb", 2) == (8 / 4, 4)  # every token exits after loop 1
     mixed = [[2], [1, 1, 1, 1], [2, 1, 1]]
     assert RR.simulate(L, mixed, t, 2, "ee_sync", 2)[1] == 7 and RR.simulate(L, mixed, t, 2, "ee_sync", 2)[0] == 8 / 9
+    # ee_sync batches as static: request 0's finished row stays in the batch, every step costs t(2)
+    assert RR.simulate(L, mixed, {1: 1.0, 2: 3.0}, 2, "ee_sync", 2) == (8 / (3 * 2 + 3 * 3 + 2 + 1 + 1), 7)
+
+def test_recursive_zero_residual_keeps_random_a():
+    full = _rr_gpt()  # stepwise 4 -> 2 x 2 picks layers 0 and 3: depths 0 and 3 are their own layer
+    m = RR.convert(full, 2, 2, "stepwise", lora_rank=4)
+    for d in range(4):
+        lin = m.transformer.h[d % 2].mlp.c_fc
+        A, B = lin.lora_A[d // 2], lin.lora_B[d // 2]
+        orthonormal = torch.allclose(A @ A.t(), torch.eye(4), atol=1e-4)
+        if d in (0, 3):  # zero residual: standard LoRA init (App. C), not the SVD's identity-like rows
+            assert not B.any() and not orthonormal and A.abs().sum() > 0
+        else:
+            assert B.any() and orthonormal
+
+def test_recursive_gpt2_shape_comes_from_the_file():
+    for C, L in ((128, 3), (192, 2)):  # n_head = C / 64 for every GPT-2 size
+        g = RR.GPT(RR.GPTConfig(block_size=40, vocab_size=61, n_layer=L, n_head=C // 64, n_embd=C))
+        c = RR.gpt2_config(RR.gpt2_to_nanogpt(_rr_hf_layout(g)), 0.0)
+        assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (L, C // 64, C, 40, 61)
+
+def test_recursive_stage_cache_key_follows_the_code(monkeypatch):
+    v = {st: RR.code_version(st) for st in ("pretrain", "study", "early_exit")}
+    monkeypatch.setattr(RR, "convert", lambda *a, **k: None)  # another convert: new study and EE keys
+    assert RR.code_version("pretrain") == v["pretrain"] and RR.code_version("study") != v["study"]
+    assert RR.code_version("early_exit") != v["early_exit"]
 
 def test_recursive_main_tiny_writes_summary(tmp_path, capsys):
     cfg = _rr_cfg(tmp_path, runs="full,reduced_random,rec_stepwise,relaxed_average_r64", n_requests=5)
@@ -739,25 +837,69 @@ def test_recursive_main_tiny_writes_summary(tmp_path, capsys):
     assert n_dec > 0 and th["mean_exit_loop"] == pytest.approx((th["exit_hist_oracle"][0] + 2 * th["exit_hist_oracle"][1]) / n_dec)
     assert n_dec == sum(th["exit_hist_confidence"]) and summ["early_exit"]["oracle"]["hist"]
     assert (out / "config.json").exists() and (out / "log.jsonl").exists()
-    # a second run reuses every finished stage
+    # a second run reuses every finished stage; a damaged one is rebuilt with one line
     capsys.readouterr()
     RR.main(args + ["--stage=study"])
     printed = capsys.readouterr().out
     assert printed.count("reusing") == len(names) and "step " not in printed
+    bad = sorted((out / "ckpt").glob("rec_stepwise-*.pt"))[0]
+    bad.write_bytes(bad.read_bytes()[:100])
+    RR.main(args + ["--stage=study"])
+    printed = capsys.readouterr().out
+    assert printed.count("is damaged") == 1 and printed.count("reusing") == len(names) - 1
     RR.main(args + ["--stage=study", "--n_loops=4"])  # another B: only the full model is reused, rows say K=1
     printed, summ = capsys.readouterr().out, json.loads((out / "summary.json").read_text())
     assert printed.count("reusing") == 1 and all(r["blocks"] == 1 for r in summ["results"] if r["loops"] == 4)
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(n_layer=5, n_loops=2), "not divisible"),
-    (dict(lora_rank=-1), "lora_rank must be >= 0"),
-    (dict(runs="relaxed_average_r-3"), "rank must be >= 0"),
-    (dict(init="middle"), "unknown init"),
-    (dict(gen_min=1, gen_max=1), "2 <= gen_min"),  # no decode step: the simulator would divide by 0
+@pytest.mark.parametrize("argv,msg", [
+    (["--n_layer=5", "--n_loops=2"], "not divisible by n_loops"),
+    (["--n_embd=65"], "not divisible by n_head"),
+    (["--n_head=0"], "--n_head=0: must be >= 1"),
+    (["--batch_size=0"], "--batch_size=0: must be >= 1"),
+    (["--max_batch=-1"], "--max_batch=-1: must be >= 1"),
+    (["--n_loops=0"], "--n_loops=0: must be >= 1"),
+    (["--uptrain_iters=-1"], "must be >= 0"),
+    (["--lora_rank=-1"], "--lora_rank=-1: must be >= 0"),
+    (["--runs=relaxed_average_r-3"], "rank must be >= 0"),
+    (["--runs=foo"], "unknown run"),
+    (["--init=middle"], "unknown init"),
+    (["--kv_fill=lazy"], "unknown kv_fill"),
+    (["--tokenizer=bpe"], "unknown tokenizer"),
+    (["--stage=train"], "unknown stage"),
+    (["--gen_min=1", "--gen_max=1"], "2 <= gen_min"),  # no decode step: the simulator would divide by 0
+    (["--gen_max=200"], "prompt_len + gen_max <= block_size"),
+    (["--dropout=1.5"], "dropout must be in"),
+    (["--kd_weight=2"], "kd_weight must be in"),
+    (["--lr=0"], "must be > 0"),
+    (["--plot=yes"], "invalid boolean"),
+    (["--n_layer=four"], "invalid int value"),
+    (["--no_such_flag=1"], "unrecognized arguments"),
+    (["--preset=huge"], "unknown preset"),
+    (["--device=cuda:7"] if not torch.cuda.is_available() else ["--device=tpu"], "--device="),
+    (["--dataset=nope"], "unknown dataset"),
+    (["--init_from=gpt2", "--tokenizer=char"], "needs tokenizer=gpt2"),
+    (["--init_from=missing.pt"], "no checkpoint"),
 ])
-def test_recursive_bad_config_fails_before_writing(tmp_path, kw, msg):
-    pytest.raises(ValueError, RR.run, _rr_cfg(tmp_path, **kw)).match(msg)
+def test_recursive_bad_input_is_one_error_line(tmp_path, capsys, argv, msg):
+    base = [f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}", "--preset=tiny", "--device=cpu",
+            f"--dataset=text:{_rr_text(tmp_path)}"]
+    with pytest.raises(SystemExit) as e:
+        RR.main(base + argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
     assert not (tmp_path / "out").exists()
+
+def test_recursive_command_line_errors_and_help(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "recursive.py", *a], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent, timeout=120)
+    r = run("--n_embd=65", f"--out_dir={tmp_path / 'out'}")
+    assert r.returncode == 2 and r.stderr.strip() == "error: n_embd=65 is not divisible by n_head=6"
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+    h, helps = run("--help"), RR.flag_help()
+    assert all(helps.get(f.name) for f in dataclasses.fields(RR.Config))  # every field has its comment
+    text = " ".join(h.stdout.split())  # argparse wraps lines
+    assert all(" ".join(helps[f.name].split()[:4]) in text for f in dataclasses.fields(RR.Config))
+    assert h.returncode == 0 and all(f"--{f.name}" in h.stdout for f in dataclasses.fields(RR.Config))
 
 def test_recursive_bad_checkpoint_and_download_fail_before_writing(tmp_path, monkeypatch):
     pytest.raises(ValueError, RR.run, _rr_cfg(tmp_path, init_from=str(tmp_path / "missing.pt"))).match("no checkpoint")
@@ -773,7 +915,7 @@ def test_recursive_bad_checkpoint_and_download_fail_before_writing(tmp_path, mon
         torch.save({"model": g.state_dict(), "model_args": args}, ck)  # wrong shapes; a 16-token context < 8 + 24
         pytest.raises(ValueError, RR.run, _rr_cfg(tmp_path, init_from=str(ck))).match(msg)
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("network unreachable")))
-    with pytest.raises(ValueError, match="could not download GPT-2"):
+    with pytest.raises(ValueError, match="could not download gpt2 weights"):
         RR.run(_rr_cfg(tmp_path, init_from="gpt2", tokenizer="gpt2", dataset="text:" + str(_rr_text(tmp_path))))
     assert not (tmp_path / "out").exists() and not (tmp_path / "data" / "gpt2").exists()
 
