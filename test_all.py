@@ -237,6 +237,9 @@ def test_data_offline_cifar10_names_the_tarball_and_a_jpeg_copy_loads_as_imagefo
 def test_gpt_copies_in_tying_rl_and_recursive_agree():
     kw = dict(block_size=16, vocab_size=50, n_layer=3, n_head=2, n_embd=16, dropout=0.0, bias=True)
     a, b = TR.GPT(TR.GPTConfig(**kw)).eval(), RR.GPT(RR.GPTConfig(**kw)).eval()
+    with torch.no_grad():  # large weights: at the small init, erf and tanh GELU agree to 1e-6
+        for p in a.parameters():
+            p.normal_(0, 0.3)
     sd = a.state_dict()
     assert set(sd) == set(b.state_dict())  # the same nanoGPT keys
     b.load_state_dict(sd)
