@@ -244,7 +244,7 @@ def test_tying_untied_equals_plain_gpt_and_hf_gpt2():
     assert "transformer.h.3.mlp.c_fc.weight" in sd and "lm_head.weight" in sd
     tf = pytest.importorskip("transformers")
     hf = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=4, n_head=2,
-        activation_function="gelu", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, layer_norm_epsilon=1e-5)).eval()
+        activation_function="gelu_new", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, layer_norm_epsilon=1e-5)).eval()
     conv = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     hf.load_state_dict({k: (v.t() if k.endswith(conv) else v) for k, v in sd.items()}, strict=False)
     assert torch.allclose(hf(idx).logits, logits, atol=1e-5)
