@@ -110,13 +110,13 @@ PRESETS = {
     "default": {},
     "paper": dict(n_layer=48, n_embd=1600, n_head=16, dropout=0.2, block_size=256, batch_size=16,
                   lr=1e-4, episodes=300, eval_interval=10, pure_bf16=True),
-    "tiny": dict(n_layer=4, n_embd=32, n_head=2, block_size=32, batch_size=4, episodes=3,
+    "tiny": dict(tokenizer="char", n_layer=4, n_embd=32, n_head=2, block_size=32, batch_size=4, episodes=3,
                  eval_interval=1, eval_batch_size=32, eval_max_batches=4, final_max_batches=64,
                  log_interval=4, steps_per_action=2, lr=1e-3, dropout=0.0, threads=1),
-    # the regime of the paper's long runs at CPU size: 20k characters of PTB seen ~50 times
-    "overfit": dict(tokenizer="char", train_tokens=20_000, n_layer=8, n_embd=64, n_head=4,
-                    block_size=64, batch_size=8, episodes=70, eval_interval=2, eval_batch_size=16,
-                    eval_max_batches=4, final_max_batches=4, log_interval=280, lr=1e-3,
+    # the regime of the paper's long runs at CPU size: 4k characters of PTB seen ~150 times
+    "overfit": dict(tokenizer="char", train_tokens=4_000, n_layer=6, n_embd=64, n_head=4,
+                    block_size=64, batch_size=8, episodes=60, eval_interval=2, eval_batch_size=16,
+                    eval_max_batches=4, final_max_batches=4, log_interval=200, lr=2e-3,
                     dropout=0.0, threads=1),
 }
 BENCH = dict(n_layer=12, n_embd=768, n_head=12, block_size=1024, batch_size=12, dropout=0.0)
@@ -152,7 +152,7 @@ def validate(cfg):
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line through main's error path, not usage + message
-        raise ValueError(message)
+        raise ValueError(message.removeprefix("argument "))
 
 def to_bool(s):
     b = {"true": True, "1": True, "false": False, "0": False}.get(s.lower())
@@ -1154,12 +1154,12 @@ def bench(cfg):
 # plots
 
 def save_plots(out, cfg):
-    """Four PNGs from log.jsonl: tie map heat map, perplexity, params + memory, reward + eps."""
+    """Four PNGs from log.jsonl: tie map heat map, perplexity, params + memory, the agent's learning."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     recs = [json.loads(l) for l in open(out / "log.jsonl")]
-    E, tr, ag = ([r for r in recs if r["kind"] == k] for k in ("episode", "train", "agent"))
+    E, tr = ([r for r in recs if r["kind"] == k] for k in ("episode", "train"))
     title = f"{cfg.agent} | {cfg.n_layer}x{cfg.n_embd} | {cfg.dataset}"
 
     def new(xlabel, ylabel, w=6):
@@ -1194,13 +1194,35 @@ def save_plots(out, cfg):
     ax2.plot([r["episode"] for r in E], [(r[key] or 0) / 2 ** 20 for r in E], "r--")
     ax2.set_ylabel(f"{key} (MiB, dashed)")
     done(fig, "params_mem.png")
-    # 4. reward and epsilon per agent step
-    if ag:
-        fig, ax = new("agent step", "reward (dots)")
-        ax.plot([r["reward"] for r in ag], ".", ms=2)
-        ax2 = ax.twinx()
-        ax2.plot([r["eps"] for r in ag], "k-")
-        ax2.set_ylabel("epsilon (line)")
+    # 4. the agent's learning, per episode (agent_diagnostics): one panel per question
+    D = [r for r in E if "reward_mean" in r]
+    if D:
+        ep = [r["episode"] for r in D]
+        col = lambda k: [r.get(k, math.nan) if r.get(k) is not None else math.nan for r in D]
+        fig, axs = plt.subplots(2, 2, figsize=(11, 6.5), sharex=True)
+        fig.suptitle(title + " | did the agent learn?")
+        a = axs[0, 0]  # does the reward tell "train" from "tie" by more than its noise?
+        diff, se = col("reward_train_minus_tie"), col("reward_diff_se")
+        a.errorbar(ep, diff, yerr=se, fmt="o", ms=3, label="train - tie (+- se)")
+        a.plot(ep, col("reward_noise"), "k:", label="reward noise (batch to batch)")
+        a.axhline(0, color="grey", lw=0.5)
+        a.set(ylabel="reward", title="reward after train minus after tie")
+        a.legend(fontsize=7)
+        a = axs[0, 1]  # is the reward saturated (no signal)?
+        a.plot(ep, [100 * v for v in col("reward_saturated_frac")], "r-")
+        a.set(ylabel="%", ylim=(-5, 105), title="saturated rewards")
+        a = axs[1, 0]  # does the greedy policy settle?
+        a.plot(ep, [100 * v for v in col("greedy_repeat_frac")], "b.-", label="greedy repeats last sweep's")
+        a.plot(ep, [100 * v for v in col("greedy_repeat_uniform")], "k--", label="a uniform policy")
+        a.set(xlabel="episode", ylabel="%", ylim=(-5, 105), title="greedy action repeats")
+        a.legend(fontsize=7)
+        a = axs[1, 1]  # are the Q-values near their TD fixed point r / (1 - gamma)?
+        if "q_min" in D[0]:
+            a.fill_between(ep, col("q_min"), col("q_max"), alpha=0.4, label="Q-value range")
+            a.plot(ep, col("td_fixed_point"), "k--", label="r / (1 - gamma)")
+            a.legend(fontsize=7)
+        a.set(xlabel="episode", ylabel="Q", title="Q-values vs TD fixed point")
+        fig.tight_layout()
         done(fig, "agent.png")
 
 # -----------------------------------------------------------------------------
