@@ -163,10 +163,10 @@ def to_bool(s):
 def parse_config(argv=None):
     """--key=value flags from the Config fields; a --preset's values sit under explicit flags."""
     p = ArgumentParser(description=__doc__.split("\n")[1])
-    notes = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # field comments
+    helps = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # field comments
     for f in fields(Config):
         p.add_argument(f"--{f.name}", type=to_bool if f.type in (bool, "bool") else type(f.default),
-                       default=None, help=f"{notes.get(f.name, '')} (default {f.default!r})".replace("%", "%%"))
+                       default=None, help=f"{helps.get(f.name, '')} (default {f.default!r})".replace("%", "%%"))
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = given.get("preset", "default")
     if preset not in PRESETS:
@@ -349,7 +349,7 @@ class GPT(nn.Module):
         return True
 
     def apply_action(self, l, a, untie="clone"):
-        """Action a for layer l: a < l copies layer a, a == l trains layer l (paper Sec. 3)."""
+        """Action a for layer l: a < l copies layer a, a == l trains layer l (paper: action space)."""
         return self.untie(l, untie) if a == l else self.tie(l, a)
 
     def forward(self, idx, targets=None):
@@ -474,7 +474,7 @@ def state_bytes(model, opt):
 # agents (cleanrl dqn.py names). Actions for layer l: 0..l-1 = copy that layer, l = train.
 
 def block_slice(l):
-    """Layer l's outputs in the concatenated head: offset l(l+1)/2, length l+1 (paper Sec. 3)."""
+    """Layer l's outputs in the concatenated head: offset l(l+1)/2, length l+1 (official get_dqn_net)."""
     off = l * (l + 1) // 2
     return slice(off, off + l + 1)
 
@@ -727,7 +727,7 @@ class Interrupted(Exception):
 
 def sweep(model, opt, agent, cfg, ep, eps, get, ctx, lr_fn, on_step, on_change=None, fwd=None,
           get_reward=None):
-    """One episode. ALGO LOGIC (paper Alg. 1): for l = 1..L-1: the agent acts on layer l (tie or
+    """One episode. ALGO LOGIC (official q_learn_loop): for l = 1..L-1: the agent acts on layer l (tie or
     train), the LM takes steps_per_action steps on batches from get, the reward comes from one
     fresh batch from get_reward in eval mode, the agent takes one TD / policy-gradient step.
     agent=None (baseline): the same LM steps, no actions, no reward batches."""
@@ -1003,6 +1003,8 @@ class Run:
         m.load_state_dict(sel["model"])
         m.to(self.device)
         cap = cfg.final_max_batches
+        print(f"final: the best-val checkpoint (episode {sel['episode']}) on val and test "
+              f"({f'at most {cap} batches each' if cap else 'whole splits'})")
         val_ppl, n_val = evaluate(m, self.arr["val"], cfg, self.device, self.ctx, cap, "final val")
         test_ppl, n_test = evaluate(m, self.arr["test"], cfg, self.device, self.ctx, cap, "final test")
         tm, tps = m.tie_map(), S.train_tokens / max(S.train_time, 1e-9)
@@ -1033,6 +1035,7 @@ class Run:
             steps=S.step, train_time_s=S.train_time, wall_s=time.time() - self.t_start, device=self.device)
         write_atomic(self.out / "summary.json", lambda t: t.write_text(json.dumps(summary, indent=1)))
         if cfg.plot:
+            print(f"writing tie_map.png, ppl.png, params_mem.png{', agent.png' * bool(agent_recs)}")
             save_plots(self.out, cfg)
         return summary
 
