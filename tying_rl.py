@@ -979,18 +979,21 @@ class Run:
                   model_args=asdict(self.gcfg), step=S.step, best_val_loss=S.best_val,
                   config=asdict(self.cfg), extras=extras)
 
-    def interrupted(self, ep):
+    def interrupted(self):
         """Ctrl-C: one line that says where the run stopped and how to continue it."""
         self.log_f.close()
+        S, where = self.S, f"in episode {self.S.episode + 1}"
         if not self.ckpt_path.exists():  # nothing to continue: leave no half-used out_dir behind
-            for f in ("config.json", "log.jsonl"):
+            for f in ("config.json", "log.jsonl", "best.pt"):
                 (self.out / f).unlink(missing_ok=True)
-            return Interrupted(f"interrupted in episode {ep + 1} before the first checkpoint; "
-                               f"nothing was kept in {self.out}")
-        args = [a for a in (sys.argv[1:] if self.argv is None else self.argv) if not a.startswith("--resume")]
-        return Interrupted(f"interrupted in episode {ep + 1} (step {self.S.step}); {self.ckpt_path} holds "
-                           f"episode {self.S.episode}; continue with: python tying_rl.py "
-                           f"{' '.join(args + ['--resume=True'])}")
+            return Interrupted(f"interrupted {where} before the first checkpoint; nothing was kept "
+                               f"in {self.out}")
+        if S.episode == self.cfg.episodes:
+            where = "in the final evaluation"
+        argv = sys.argv[1:] if self.argv is None else self.argv
+        args = [a for a in argv if not a.startswith("--resume")] + ["--resume=True"]
+        return Interrupted(f"interrupted {where} (step {S.step}); {self.ckpt_path} holds episode "
+                           f"{S.episode}; continue with: python tying_rl.py {' '.join(args)}")
 
     def finish(self):
         """The selected (best-val) checkpoint, evaluated once on val and test; summary.json."""
@@ -1058,12 +1061,12 @@ def train(cfg, argv=None):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = Run(cfg, argv)
-    for ep in range(run.S.episode, cfg.episodes):
-        try:
+    try:
+        for ep in range(run.S.episode, cfg.episodes):
             run.episode(ep)
-        except KeyboardInterrupt:
-            raise run.interrupted(ep) from None
-    return run.finish()
+        return run.finish()
+    except KeyboardInterrupt:
+        raise run.interrupted() from None
 
 # -----------------------------------------------------------------------------
 # speed: the compiled forward. GPT.forward above is the reference; gated_forward computes the same
@@ -1256,6 +1259,9 @@ def main(argv=None):
         sys.exit(2)
     except Interrupted as e:
         print(e, file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:  # before training started (data, model): nothing to continue
+        print("interrupted before training started; nothing to resume", file=sys.stderr)
         sys.exit(130)
     if cfg.mode == "train":
         print(final_table(res, cfg))
