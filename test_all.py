@@ -421,6 +421,8 @@ def test_tying_main_tiny_summary_seed_and_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(TR, "get_device", lambda pref: "cpu:0")
     assert _tying_run(tmp_path, "c", "--resume=True")[1] == la and loads[0] == "cpu"
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["val_ppl"] == pytest.approx(summ["val_ppl"])
+    episodes = lambda d: [r for r in map(json.loads, open(tmp_path / d / "log.jsonl")) if r["kind"] == "episode"]
+    assert episodes("c") == episodes("a")  # the learning diagnostics too (the repeat rate needs episode 1)
     # resuming with a different config is refused, naming the keys
     err = _tying_error(capsys, lambda: _tying_run(tmp_path, "c", "--resume=True", "--n_embd=16",
                                                   "--steps_per_action=2"))

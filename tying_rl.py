@@ -848,7 +848,7 @@ class Run:
         # torch RNG) whatever the agent; reward batches and the agent's actions draw on their own
         self.gen = torch.Generator().manual_seed(cfg.seed)  # LM batches
         self.gen_reward = torch.Generator().manual_seed(cfg.seed + 3)  # reward batches
-        self.S = RunState(eps=cfg.eps_start)
+        self.S, self.prev_recs = RunState(eps=cfg.eps_start), []  # prev_recs: last episode's agent
         if ck is not None:
             restore_structure(self.model, ck["extras"]["structure"])
             self.model.load_state_dict(ck["model"])
@@ -858,13 +858,14 @@ class Run:
         if ck is not None:
             self.restore(ck)
         self.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.out / "config.json", lambda t: t.write_text(json.dumps(asdict(cfg), indent=1)))
+        config_json = json.dumps(asdict(cfg), indent=1)
+        write_atomic(self.out / "config.json", lambda t: t.write_text(config_json))
         self.log_f = open(self.out / "log.jsonl", "a")
         L, self.tok = cfg.n_layer, cfg.batch_size * cfg.block_size
         self.total = cfg.episodes * (L - 1) * cfg.steps_per_action
         self.fl = peak_flops(cfg) if self.cuda else None
         self.fpt = self.model.flops_per_token(cfg.block_size)  # FLOPs/token of the current structure
-        self.last_map, self.times, self.t_start, self.prev_recs = self.model.tie_map(), [], time.time(), []
+        self.last_map, self.times, self.t_start = self.model.tie_map(), [], time.time()
         self.mem = dict(steady=None, counted=None, peak=None, peak_run=None, loss=None)
         m = self.model
         print(f"device {self.device} | {L} layers x {cfg.n_embd} | agent {cfg.agent} | "
@@ -886,7 +887,8 @@ class Run:
         lines = [l for l in open(log) if json.loads(l)["step"] <= self.S.step]
         write_atomic(log, lambda t: t.write_text("".join(lines)))
         recs = [json.loads(l) for l in lines]
-        self.prev_recs = [r for r in recs if r["kind"] == "agent" and r["episode"] == self.S.episode - 1]
+        last = self.S.episode - 1
+        self.prev_recs = [r for r in recs if r["kind"] == "agent" and r["episode"] == last]
         print(f"resumed from {self.ckpt_path} at episode {self.S.episode}, step {self.S.step}")
 
     def log(self, rec):
@@ -907,8 +909,9 @@ class Run:
             ms = 1000 * (w[-1] - w[0]) / max(1, len(w) - 1)  # wall time per step, agent included
             tps = self.tok / max(ms, 1e-6) * 1000
             mfu = f" | mfu {100 * self.fpt * tps / self.fl:.1f}%" if self.fl else ""
-            print(f"step {S.step:6d}/{self.total} | loss {loss:.4f} | lr {get_lr(S.step, self.total, cfg):.1e} | "
-                  f"{ms:.1f} ms/step | {tps / 1e3:.1f}k tok/s{mfu} | eta {ms * (self.total - S.step) / 6e4:.1f}m")
+            lr, eta = get_lr(S.step, self.total, cfg), ms * (self.total - S.step) / 6e4
+            print(f"step {S.step:6d}/{self.total} | loss {loss:.4f} | lr {lr:.1e} | {ms:.1f} ms/step | "
+                  f"{tps / 1e3:.1f}k tok/s{mfu} | eta {eta:.1f}m")
             self.log(dict(kind="train", loss=loss, grad_norm=float(norm), ms_per_step=ms))
 
     def on_change(self):  # after every structural change: FLOPs/token, one line if the map changed
@@ -916,7 +919,8 @@ class Run:
         self.fpt, tm = m.flops_per_token(self.cfg.block_size), m.tie_map()
         if tm != self.last_map:
             self.last_map = tm
-            print(f"ties: {tm} | unique layers {len(set(tm))}/{len(tm)} | trainable {m.num_params(True) / 1e6:.2f}M")
+            print(f"ties: {tm} | unique layers {len(set(tm))}/{len(tm)} | "
+                  f"trainable {m.num_params(True) / 1e6:.2f}M")
 
     def episode(self, ep):
         cfg, S, m = self.cfg, self.S, self.model
@@ -957,10 +961,11 @@ class Run:
 
     def evaluate_and_select(self, episode):
         cfg, S, m = self.cfg, self.S, self.model
-        val_ppl, n = evaluate(m, self.arr["val"], cfg, self.device, self.ctx, cfg.eval_max_batches, "val")
-        test_ppl, _ = evaluate(m, self.arr["test"], cfg, self.device, self.ctx, cfg.eval_max_batches, "test")
+        cap = cfg.eval_max_batches
+        val_ppl, n = evaluate(m, self.arr["val"], cfg, self.device, self.ctx, cap, "val")
+        test_ppl, _ = evaluate(m, self.arr["test"], cfg, self.device, self.ctx, cap, "test")
         S.best_test_official = min(S.best_test_official, test_ppl)  # official: selects on test
-        part = "whole split" if n == len(self.arr["val"]) - 1 else f"first {cfg.eval_max_batches} batches"
+        part = "whole split" if n == len(self.arr["val"]) - 1 else f"first {cap} batches"
         print(f"episode {episode}: val ppl {val_ppl:.2f} | test ppl {test_ppl:.2f} ({part}; "
               f"official best-test-so-far {S.best_test_official:.2f})")
         if val_ppl < S.best_val:  # D14: model selection on validation
@@ -1022,7 +1027,7 @@ class Run:
             eval_tokens=dict(val=n_val, test=n_test),
             eval_whole_split=n_val == len(self.arr["val"]) - 1 and n_test == len(self.arr["test"]) - 1,
             best_test_ppl_official=S.best_test_official, n_layer=cfg.n_layer, unique_layers=len(set(tm)),
-            unique_storages=len({m.transformer.h[r].ln_1.weight.data_ptr() for r in set(tm)}),  # alias: <
+            unique_storages=len({m.transformer.h[r].ln_1.weight.data_ptr() for r in set(tm)}),
             tie_map=tm, src=list(m.src), total_params=m.num_params(),
             effective_params=m.num_params() - m.num_params(blocks_only=True) + cfg.n_layer * per_block,
             trainable_params=m.num_params(True), trainable_block_params=m.num_params(True, True),
@@ -1035,7 +1040,8 @@ class Run:
             tokens_per_s=tps, mfu=S.flops / max(S.train_time, 1e-9) / self.fl if self.fl else None,
             agent_diagnostics_late=agent_diagnostics(late, cfg.gamma, prev),
             agent_diagnostics_all=agent_diagnostics(agent_recs, cfg.gamma),
-            steps=S.step, train_time_s=S.train_time, wall_s=time.time() - self.t_start, device=self.device)
+            steps=S.step, train_time_s=S.train_time, wall_s=time.time() - self.t_start,
+            device=self.device)
         write_atomic(self.out / "summary.json", lambda t: t.write_text(json.dumps(summary, indent=1)))
         if cfg.plot:
             print(f"writing tie_map.png, ppl.png, params_mem.png{', agent.png' * bool(agent_recs)}")
@@ -1050,7 +1056,8 @@ def format_diagnostics(d):
     if "reward_train_minus_tie" in d:
         s += f" | train-tie {d['reward_train_minus_tie']:+.3f} +- {d['reward_diff_se']:.3f}"
     if "greedy_repeat_frac" in d:
-        s += f" | repeat {100 * d['greedy_repeat_frac']:.0f}% (uniform {100 * d['greedy_repeat_uniform']:.0f}%)"
+        rep, uni = 100 * d["greedy_repeat_frac"], 100 * d["greedy_repeat_uniform"]
+        s += f" | repeat {rep:.0f}% (uniform {uni:.0f}%)"
     if "q_min" in d:
         s += f" | Q [{d['q_min']:.1f}, {d['q_max']:.1f}] vs r/(1-g) {d['td_fixed_point']:.1f}"
     return s
@@ -1239,10 +1246,12 @@ def final_table(res, cfg):
     sel = f"best-val checkpoint (episode {res['selected_episode']} of {cfg.episodes})"
     last = res["last_step_cuda_mem_bytes"] or res["last_step_counted_mem_bytes"]
     rows = [(f"val ppl, {sel}, {part} ({res['eval_tokens']['val']:,} tokens)", f"{res['val_ppl']:.2f}"),
-            (f"test ppl, {sel}, {part} ({res['eval_tokens']['test']:,} tokens)", f"{res['test_ppl']:.2f}"),
+            (f"test ppl, {sel}, {part} ({res['eval_tokens']['test']:,} tokens)",
+             f"{res['test_ppl']:.2f}"),
             (f"unique layers of {res['n_layer']}, {sel}", str(res["unique_layers"])),
             (f"trainable params, {sel}", f"{res['trainable_params'] / 1e6:.3f}M"),
-            (f"training-state memory (weights, grads, AdamW), {sel}", f"{res['counted_mem_bytes'] / 2 ** 20:.1f} MiB"),
+            (f"training-state memory (weights, grads, AdamW), {sel}",
+             f"{res['counted_mem_bytes'] / 2 ** 20:.1f} MiB"),
             ("training-state memory at the last step", f"{last / 2 ** 20:.1f} MiB"),
             ("tokens/s (training, agent included)", f"{res['tokens_per_s'] / 1e3:.1f}k")]
     if res["mfu"] is not None:
