@@ -454,13 +454,15 @@ def test_tying_bad_config_fails_at_start(flags, msg, tmp_path, capsys):
     assert msg in _tying_error(capsys, lambda: TR.main([f"--out_dir={tmp_path}", "--device=cpu"] + flags))
     assert not any(tmp_path.iterdir())  # nothing written
 
-def test_tying_bench_tiny_counts_less_state_when_tied(tmp_path):
-    res = _tying_main(["--mode=bench", "--preset=tiny", "--device=cpu", "--bench_steps=1", f"--out_dir={tmp_path}"])
+def test_tying_bench_tiny_counts_less_state_when_tied(tmp_path, capsys):
+    args = ["--mode=bench", "--preset=tiny", "--device=cpu", "--bench_steps=1", f"--out_dir={tmp_path}"]
+    res = _tying_main(args)
     base, tied = res["baseline"], res["tying"]
     assert base["tie_map"] == [0, 1, 2, 3] and len(set(tied["tie_map"])) < 4
     assert tied["trainable_params"] < base["trainable_params"]
     assert tied["counted_mem_bytes"] < base["counted_mem_bytes"] and res["cost_ratio"] == tied["ms_per_step"] / base["ms_per_step"]
     assert json.loads((tmp_path / "bench.json").read_text())["cost_ratio"] == res["cost_ratio"]
+    assert "bench.json exists" in _tying_error(capsys, lambda: _tying_main(args))  # never overwritten
 
 def test_tying_compiled_forward_is_one_graph_for_every_tie_map_and_exact():
     count = lambda gm, ex: graphs.append(gm) or gm.forward  # a dynamo backend that counts graphs

@@ -1119,6 +1119,8 @@ def bench(cfg):
     Synthetic tokens, no data. Each figure is one whole episode of the training loop (sweep):
     for tying that includes the actions, reward batches and TD updates; per LM step."""
     device = get_device(cfg.device)
+    if (Path(cfg.out_dir) / "bench.json").exists():  # never overwrite a measurement
+        raise ValueError(f"{Path(cfg.out_dir) / 'bench.json'} exists: choose a new --out_dir")
     cuda = device.startswith("cuda")
     if cuda:
         torch.set_float32_matmul_precision("high")
@@ -1160,7 +1162,8 @@ def bench(cfg):
     res["cost_ratio"] = res["tying"]["ms_per_step"] / res["baseline"]["ms_per_step"]
     print(f"dynamic-tying step costs {res['cost_ratio']:.2f}x a baseline step (target <= 1.15)")
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out_dir) / "bench.json").write_text(json.dumps(dict(config=asdict(cfg), **res), indent=1))
+    bench_json = json.dumps(dict(config=asdict(cfg), **res), indent=1)
+    write_atomic(Path(cfg.out_dir) / "bench.json", lambda t: t.write_text(bench_json))
     return res
 
 # -----------------------------------------------------------------------------
