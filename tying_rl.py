@@ -12,7 +12,8 @@ fall while the depth stays L. Exact algorithm: the official code; the decisions 
 paper is silent or the code differs: docs/tying_rl.md, "Implementation details".
 
 Sections: config -> utilities -> GPT with tie map -> agents -> eval / reward -> train ->
-speed (compiled forward, bench) -> plots -> main.  Dimension letters: B batch, T time, C channels (n_embd), nh heads, hs head
+speed (compiled forward, bench) -> plots -> main.  Dimension letters: B batch, T time,
+C channels (n_embd), nh heads, hs head
 size, L layers.
 
 Run (PTB, GPT-2 tokenizer; copy data first: mkdir -p data/ptb && cp <ptb files> data/ptb/):
@@ -98,7 +99,7 @@ class Config:
     device: str = "auto"           # auto (cuda -> mps -> cpu) | cuda | mps | cpu
     seed: int = 1337               # seeds the model, dropout, LM batches, reward batches, agent
     threads: int = 0               # CPU threads for torch (0 = torch's default)
-    compile: bool = False          # torch.compile the LM forward (compile_model: graphs survive tie-map changes)
+    compile: bool = False          # torch.compile the LM forward (one graph for every tie map)
     out_dir: str = "out/tying_rl"  # config.json, log.jsonl, ckpt.pt, best.pt, summary.json, PNGs
     plot: bool = True              # write PNGs
     resume: bool = False           # continue from out_dir/ckpt.pt
@@ -137,7 +138,8 @@ def validate(cfg):
         if getattr(cfg, k) not in allowed:
             raise ValueError(f"unknown {k} {getattr(cfg, k)!r}: choose one of {', '.join(allowed)}")
     if cfg.dataset not in DATASETS and not cfg.dataset.startswith("text:"):
-        raise ValueError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)} or text:PATH")
+        raise ValueError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)} "
+                         f"or text:PATH")
     if cfg.n_head < 1 or cfg.n_embd % cfg.n_head:
         raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
     if cfg.steps_per_action < 1:
@@ -147,7 +149,8 @@ def validate(cfg):
         raise ValueError("need n_layer >= 2 and episodes, batch_size, eval_interval, eval_batch_size, "
                          "log_interval, bench_steps >= 1")
     if min(cfg.eval_max_batches, cfg.final_max_batches, cfg.train_tokens, cfg.threads) < 0:
-        raise ValueError("need eval_max_batches, final_max_batches, train_tokens, threads >= 0 (0 = no cap)")
+        raise ValueError("need eval_max_batches, final_max_batches, train_tokens, threads >= 0 "
+                         "(0 = no cap)")
     get_device(cfg.device)  # --device=cuda without a GPU fails here, before any data is read
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -163,7 +166,8 @@ def to_bool(s):
 def parse_config(argv=None):
     """--key=value flags from the Config fields; a --preset's values sit under explicit flags."""
     p = ArgumentParser(description=__doc__.split("\n")[1])
-    helps = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # field comments
+    src = inspect.getsource(Config)
+    helps = dict(re.findall(r"^    (\w+): .*?# (.*)$", src, re.M))  # the field comments
     for f in fields(Config):
         p.add_argument(f"--{f.name}", type=to_bool if f.type in (bool, "bool") else type(f.default),
                        default=None, help=f"{helps.get(f.name, '')} (default {f.default!r})".replace("%", "%%"))
@@ -356,7 +360,8 @@ class GPT(nn.Module):
         """idx (B, T) -> (logits (B, T, V), mean CE or None). Unlike nanoGPT, logits are returned
         for every position also when targets is None.
         EXERCISE: add nanoGPT's generate() and sample from the selected checkpoint."""
-        assert idx.size(1) <= self.config.block_size, f"sequence {idx.size(1)} > block_size {self.config.block_size}"
+        T = idx.size(1)
+        assert T <= self.config.block_size, f"sequence {T} > block_size {self.config.block_size}"
         x = self.embed(idx)  # (B, T, C)
         for i, blk in enumerate(self.transformer.h):
             if isinstance(blk, Block):
@@ -378,7 +383,9 @@ class GPT(nn.Module):
 
     def head(self, x, targets=None):  # (B, T, C) -> logits (B, T, V), mean CE or None
         logits = self.lm_head(self.transformer.ln_f(x))
-        return logits, None if targets is None else F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     # -- counting (D18): unique storages, so aliased tensors count once --------------------
     def num_params(self, trainable_only=False, blocks_only=False):
@@ -444,7 +451,9 @@ def trainable(model):
 def make_optimizer(model, cfg, device):
     # --untie=alias puts two Parameters on one storage: fused / foreach kernels would update both at
     # once and lose one update on CUDA; the plain per-tensor loop applies both, as the official code
-    kw = dict(fused=False, foreach=False) if cfg.untie == "alias" else dict(fused=device.startswith("cuda"))
+    kw = dict(fused=device.startswith("cuda"))
+    if cfg.untie == "alias":
+        kw = dict(fused=False, foreach=False)
     return torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
 
 def sync_optimizer(model, opt):
@@ -480,7 +489,8 @@ def block_slice(l):
 
 def QNetwork(n_layer):
     """MLP L -> 128 -> L(L+1)/2: one block of l+1 Q-values per layer (block 0 never used)."""
-    return nn.Sequential(nn.Linear(n_layer, 128), nn.ReLU(), nn.Linear(128, n_layer * (n_layer + 1) // 2))
+    n_out = n_layer * (n_layer + 1) // 2
+    return nn.Sequential(nn.Linear(n_layer, 128), nn.ReLU(), nn.Linear(128, n_out))
 
 def td_target(reward, q_next_block, gamma):
     """Official TD target: r + gamma * max_a' Q(s', a') over one layer's block, no terminal."""
@@ -498,7 +508,8 @@ class QAgent:
         with torch.random.fork_rng():  # the init leaves the global RNG (dropout) untouched
             torch.manual_seed(seed + 2)
             self.q_network = QNetwork(n_layer)
-        self.optimizer = torch.optim.AdamW(self.q_network.parameters(), lr=cfg.agent_lr, weight_decay=0.01)
+        params = self.q_network.parameters()
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.agent_lr, weight_decay=0.01)
         self.baseline = [None] * n_layer  # reinforce only: moving-average reward per layer
 
     def encode(self, src):
@@ -612,7 +623,8 @@ def evaluate(model, arr, cfg, device, ctx, max_batches=0, name="eval"):
             break
         with ctx:
             logits, _ = model(x)
-        tot += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum").item()
+        ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        tot += ce.item()
         n += y.numel()
         if time.time() - t_print > 5:
             t_print, rate = time.time(), (b + 1) / (time.time() - t0)
@@ -633,7 +645,7 @@ def reward_from_ce(ce, cfg, ce_before=None, trainable_blocks=0):
     """ALGO LOGIC (D6). Returns (reward, saturated). negppl_clip10 = clip(-exp(CE), -10, 10):
     perplexity >= 1, so it saturates at -10 whenever the batch perplexity exceeds 10."""
     if not math.isfinite(ce) or (ce_before is not None and not math.isfinite(ce_before)):
-        raise NonFiniteLoss(f"reward-batch CE is {ce}")  # a NaN would earn the top reward: min(10, nan) = 10
+        raise NonFiniteLoss(f"reward-batch CE is {ce}")  # NaN would pay the top: min(10, nan) = 10
     if cfg.reward == "negppl_clip10":
         raw = -math.exp(min(ce, 50.0))
         r, sat = max(-cfg.reward_clip, min(cfg.reward_clip, raw)), abs(raw) > cfg.reward_clip
@@ -1084,7 +1096,8 @@ def gated_forward(model, idx, targets, params, gates):
     tensors). D1 as arithmetic: w.detach() + g (w - w.detach()) equals w with g times its gradient."""
     x = model.embed(idx)  # (B, T, C)
     for p, g in zip(params, gates):
-        x = functional_call(model.transformer.h[0], {k: w.detach() + g * (w - w.detach()) for k, w in p.items()}, (x,))
+        gated = {k: w.detach() + g * (w - w.detach()) for k, w in p.items()}
+        x = functional_call(model.transformer.h[0], gated, (x,))
     return model.head(x, targets)
 
 class CompiledTying:
@@ -1092,9 +1105,10 @@ class CompiledTying:
     (a recompile per map). Here each position gets its root's tensors as fresh views (dynamo
     specialises on inputs that are the same object, not on shared storage) and a gate (1 trains,
     0 tied): ONE graph for every map. Price: the weight-gradient matmuls of tied positions run, x 0.
-    Frozen blocks (init_state=official) enter as fresh leaves: their gradients are computed, then dropped."""
+    Frozen blocks (init_state=official) enter as fresh leaves: gradients computed, then dropped."""
     def __init__(self, model, **compile_kw):
-        self.model, self.fn, self.roots = model, torch.compile(gated_forward, dynamic=False, **compile_kw), None
+        self.model, self.roots = model, None
+        self.fn = torch.compile(gated_forward, dynamic=False, **compile_kw)
 
     def __call__(self, idx, targets=None):
         m, roots = self.model, self.model.tie_map()
@@ -1128,7 +1142,7 @@ def bench(cfg):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     gen, V = torch.Generator().manual_seed(cfg.seed), 512 if cfg.preset == "tiny" else 50304  # tiny: CPU
 
-    def get():  # pinned + non_blocking as data.py: a copy from pageable memory makes the host wait for the GPU
+    def get():  # pinned + non_blocking as data.py: a pageable copy makes the host wait for the GPU
         t = torch.randint(V, (2, cfg.batch_size, cfg.block_size), generator=gen)
         return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
     res = {}
@@ -1195,7 +1209,8 @@ def save_plots(out, cfg):
     done(fig, "tie_map.png")
     # 2. perplexity: train batches, val and test
     fig, ax = new("LM step", "perplexity")
-    ax.plot([r["step"] for r in tr], [math.exp(min(r["loss"], 20)) for r in tr], label="train batch", alpha=0.6)
+    train_ppl = [math.exp(min(r["loss"], 20)) for r in tr]
+    ax.plot([r["step"] for r in tr], train_ppl, label="train batch", alpha=0.6)
     ev = [r for r in E if "val_ppl" in r]
     ax.plot([r["step"] for r in ev], [r["val_ppl"] for r in ev], "o-", label="val")
     ax.plot([r["step"] for r in ev], [r["test_ppl"] for r in ev], "s--", label="test")
@@ -1228,7 +1243,8 @@ def save_plots(out, cfg):
         a.plot(ep, [100 * v for v in col("reward_saturated_frac")], "r-")
         a.set(ylabel="%", ylim=(-5, 105), title="saturated rewards")
         a = axs[1, 0]  # does the greedy policy settle?
-        a.plot(ep, [100 * v for v in col("greedy_repeat_frac")], "b.-", label="greedy repeats last sweep's")
+        rep = [100 * v for v in col("greedy_repeat_frac")]
+        a.plot(ep, rep, "b.-", label="greedy repeats last sweep's")
         a.plot(ep, [100 * v for v in col("greedy_repeat_uniform")], "k--", label="a uniform policy")
         a.set(xlabel="episode", ylabel="%", ylim=(-5, 105), title="greedy action repeats")
         a.legend(fontsize=7)
@@ -1277,7 +1293,8 @@ def main(argv=None):
         sys.exit(130)
     if cfg.mode == "train":
         print(final_table(res, cfg))
-        print(f"outputs in {cfg.out_dir}: summary.json, log.jsonl, ckpt.pt, best.pt" + ", *.png" * cfg.plot)
+        files = "summary.json, log.jsonl, ckpt.pt, best.pt" + ", *.png" * cfg.plot
+        print(f"outputs in {cfg.out_dir}: {files}")
     return res
 
 if __name__ == "__main__":
