@@ -249,6 +249,7 @@ def test_gpt_copies_in_tying_rl_and_recursive_agree():
 
 # -----------------------------------------------------------------------------
 # tying_rl.py: GPT with a tie map, Q / REINFORCE agents, training loop, checkpoints
+import re, shlex, subprocess, sys
 
 def _tying_model(L=4, tie_grad="detached", seed=0):
     torch.manual_seed(seed)
@@ -415,14 +416,28 @@ def _tying_run(tmp_path, out, *extra):
     return res, [(r["kind"], r.get("action"), r.get("loss"), r.get("reward"))
                  for r in map(json.loads, open(tmp_path / out / "log.jsonl"))]
 
-def test_tying_main_tiny_summary_seed_and_resume(tmp_path, monkeypatch):
+def _tying_error(capsys, fn):
+    """fn() must exit with code 2 and ONE stderr line 'error: ...' (no traceback): that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        fn()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err
+    return err
+
+def _tying_files(d):  # every file under d with its size and mtime: "no file written or touched"
+    return {(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in Path(d).rglob("*") if p.is_file()}
+
+def test_tying_main_tiny_summary_seed_and_resume(tmp_path, monkeypatch, capsys):
     s, la = _tying_run(tmp_path, "a")
     summ = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summ["unique_layers"] == len(set(summ["tie_map"])) == summ["unique_storages"] and summ["n_layer"] == 4
     assert summ["tie_map"][0] == 0 and all(r <= i for i, r in enumerate(summ["tie_map"]))
     assert summ["trainable_block_params"] == summ["unique_layers"] * 12 * 32 * 32 + summ["unique_layers"] * 13 * 32
     assert summ["val_ppl"] > 1 and math.isfinite(summ["test_ppl"]) and summ["mfu"] is None
-    assert summ["steady_mem_bytes"] > 0 and s["trainable_params"] == summ["trainable_params"]
+    assert summ["counted_mem_bytes"] == 16 * summ["trainable_params"]  # fp32 weight, grad, 2 moments
+    assert summ["last_step_counted_mem_bytes"] > 0 and s["trainable_params"] == summ["trainable_params"]
     assert all((tmp_path / "a" / f).exists() for f in ("config.json", "ckpt.pt", "best.pt"))
     assert sum(r[0] == "agent" for r in la) == 2 * 3  # (L-1) decisions per episode
     assert _tying_run(tmp_path, "b")[1] == la  # same seed -> same actions and losses
@@ -433,16 +448,19 @@ def test_tying_main_tiny_summary_seed_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(TR, "get_device", lambda pref: "cpu:0")
     assert _tying_run(tmp_path, "c", "--resume=True")[1] == la and loads[0] == "cpu"
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["val_ppl"] == pytest.approx(summ["val_ppl"])
+    episodes = lambda d: [r for r in map(json.loads, open(tmp_path / d / "log.jsonl")) if r["kind"] == "episode"]
+    assert episodes("c") == episodes("a")  # the learning diagnostics too (the repeat rate needs episode 1)
     # resuming with a different config is refused, naming the keys
-    with pytest.raises(SystemExit, match="n_embd.*steps_per_action|lr"):
-        _tying_run(tmp_path, "c", "--resume=True", "--n_embd=16", "--steps_per_action=2")
+    err = _tying_error(capsys, lambda: _tying_run(tmp_path, "c", "--resume=True", "--n_embd=16",
+                                                  "--steps_per_action=2"))
+    assert re.search("n_embd.*steps_per_action", err)
 
-def test_tying_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+def test_tying_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
     _tying_run(tmp_path, "n", "--episodes=1")
     ck = (tmp_path / "n" / "ckpt.pt").read_bytes()
     monkeypatch.setattr(TR, "lm_step", lambda *a, **k: (_ for _ in ()).throw(TR.NonFiniteLoss("loss is nan")))
-    with pytest.raises(SystemExit, match="loss is nan at step 3.*last good checkpoint"):
-        _tying_run(tmp_path, "n", "--resume=True")
+    err = _tying_error(capsys, lambda: _tying_run(tmp_path, "n", "--resume=True"))
+    assert re.search("loss is nan at step 3.*last good checkpoint", err)
     assert (tmp_path / "n" / "ckpt.pt").read_bytes() == ck
     # the real lm_step: a NaN loss raises before AdamW touches anything (no state, weights unchanged)
     model = TR.build(cfg := TR.parse_config(["--preset=tiny", "--device=cpu"]), 64, "cpu")[0]
@@ -456,18 +474,22 @@ def test_tying_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     (["--n_embd=30", "--n_head=4"], "not divisible"), (["--steps_per_action=0"], "steps_per_action"),
     (["--agent=ppo"], "unknown agent"), (["--dataset=imagenet"], "unknown dataset"),
     (["--preset=huge"], "unknown preset"), (["--n_head=0"], "not divisible"), (["--eval_batch_size=0"], "eval_batch_size"),
-    (["--eval_max_batches=-1"], "eval_max_batches >= 0"), (["--log_interval=0"], "log_interval")])
-def test_tying_bad_config_fails_at_start(flags, msg, tmp_path):
-    pytest.raises(SystemExit, TR.main, flags + [f"--out_dir={tmp_path}", "--device=cpu"]).match(msg)
-    assert not (tmp_path / "log.jsonl").exists()  # nothing ran
+    (["--eval_max_batches=-1"], "eval_max_batches, final"), (["--log_interval=0"], "log_interval"),
+    (["--plot=yes"], "--plot: 'yes' is not a boolean"), (["--resume=Flase"], "--resume: 'Flase'"),
+    (["--device=gpu"], "--device=gpu is not available"), (["--n_layer=x"], "--n_layer: invalid int")])
+def test_tying_bad_config_fails_at_start(flags, msg, tmp_path, capsys):
+    assert msg in _tying_error(capsys, lambda: TR.main([f"--out_dir={tmp_path}", "--device=cpu"] + flags))
+    assert not any(tmp_path.iterdir())  # nothing written
 
-def test_tying_bench_tiny_counts_less_state_when_tied(tmp_path):
-    res = _tying_main(["--mode=bench", "--preset=tiny", "--device=cpu", "--bench_steps=1", f"--out_dir={tmp_path}"])
+def test_tying_bench_tiny_counts_less_state_when_tied(tmp_path, capsys):
+    args = ["--mode=bench", "--preset=tiny", "--device=cpu", "--bench_steps=1", f"--out_dir={tmp_path}"]
+    res = _tying_main(args)
     base, tied = res["baseline"], res["tying"]
     assert base["tie_map"] == [0, 1, 2, 3] and len(set(tied["tie_map"])) < 4
     assert tied["trainable_params"] < base["trainable_params"]
     assert tied["counted_mem_bytes"] < base["counted_mem_bytes"] and res["cost_ratio"] == tied["ms_per_step"] / base["ms_per_step"]
     assert json.loads((tmp_path / "bench.json").read_text())["cost_ratio"] == res["cost_ratio"]
+    assert "bench.json exists" in _tying_error(capsys, lambda: _tying_main(args))  # never overwritten
 
 def test_tying_compiled_forward_is_one_graph_for_every_tie_map_and_exact():
     count = lambda gm, ex: graphs.append(gm) or gm.forward  # a dynamo backend that counts graphs
@@ -491,6 +513,147 @@ def test_tying_compiled_forward_is_one_graph_for_every_tie_map_and_exact():
             loss.backward()
             out.append([logits] + [p.grad.clone() for p in m.parameters()])
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*out))
+
+# -- the three bugs: reward before the action, one generator per consumer, selected-structure memory
+
+def test_tying_delta_reward_is_measured_before_the_action():
+    # lr 0: the LM steps change nothing, so the delta reward is exactly the action's effect on the
+    # reward batch: 0 for "train" on a layer that already owns its block, not 0 for a tie that
+    # changes the function (measured after the action, every reward would be 0)
+    cfg = TR.Config(**{**TR.PRESETS["tiny"], "agent": "q", "reward": "delta", "init_state": "untied"})
+    model = TR.build(cfg, 50, "cpu")[0]
+    opt, agent = TR.make_optimizer(model, cfg, "cpu"), TR.make_agent(cfg, 0)
+    gen = torch.Generator().manual_seed(0)
+    get = lambda: (torch.randint(50, (4, 8), generator=gen),) * 2
+    recs = []
+    for ep in range(3):
+        recs += TR.sweep(model, opt, agent, cfg, ep, 1.0, get, TR.nullcontext(), lambda: 0.0, lambda *a: None)
+    own = [r["reward"] for r in recs if r["action"] == r["layer"]]
+    tie = [r["reward"] for r in recs if r["action"] != r["layer"]]
+    assert own and tie and all(r == 0.0 for r in own)  # untie = a copy of the root: same function
+    assert sum(abs(r) > 1e-4 for r in tie) >= len(tie) // 2  # a tie to another block moves the CE
+
+def test_tying_same_seed_gives_same_lm_batches_and_dropout_whatever_the_agent(tmp_path, monkeypatch):
+    seen, step = {}, TR.lm_step
+    def spy(model, opt, x, y, *a):  # every LM step: its batch and the global RNG (dropout) state
+        seen[name].append((x.tolist(), hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()))
+        return step(model, opt, x, y, *a)
+    monkeypatch.setattr(TR, "lm_step", spy)
+    for name in ("none", "random", "q", "reinforce"):
+        seen[name] = []
+        _tying_run(tmp_path, name, f"--agent={name}", "--dropout=0.1")
+    assert len(seen["none"]) == 6 and all(seen[k] == seen["none"] for k in seen)
+
+def test_tying_summary_memory_is_that_of_the_selected_structure(tmp_path, monkeypatch):
+    orig, calls = TR.evaluate, []
+    def fake(*a, **k):  # val, test per episode, then the final two: episode 1 has the best val
+        ppl, n = orig(*a, **k)
+        calls.append(1)
+        return (1.0 if len(calls) <= 2 else 2.0 if len(calls) <= 6 else ppl), n
+    monkeypatch.setattr(TR, "evaluate", fake)
+    s, _ = _tying_run(tmp_path, "m", "--agent=random", "--episodes=3", "--seed=4")
+    last = s.get("last_step_tie_map", s.get("final_tie_map"))
+    assert s["selected_episode"] == 1 and len(set(s["tie_map"])) != len(set(last))  # the premise
+    sel = torch.load(tmp_path / "m" / "best.pt", weights_only=True)
+    assert s["tie_map"] == TR.GPT.tie_map(type("M", (), dict(  # the selected checkpoint's map
+        root=lambda self, i: i if sel["extras"]["structure"]["own"][i] else self.root(sel["extras"]["structure"]["src"][i]),
+        config=type("C", (), dict(n_layer=4))))())
+    n_stored = sum(v.numel() for k, v in sel["model"].items() if k != "lm_head.weight")  # wte is lm_head
+    assert s["trainable_params"] == n_stored and s["counted_mem_bytes"] == 16 * n_stored
+
+@pytest.mark.parametrize("untie", ["clone", "alias"])
+def test_tying_selected_state_bytes_equals_a_real_step(untie):
+    m, idx = _tying_model(L=5).train(), torch.randint(50, (2, 8))
+    m.tie(2, 1), m.tie(3, 0), m.tie(4, 1), m.apply_action(4, 4, untie=untie)  # alias: 4 shares 1
+    opt = TR.make_optimizer(m, TR.Config(untie=untie), "cpu")
+    m(idx, idx)[1].backward()
+    opt.step()
+    assert TR.selected_state_bytes(m) == TR.state_bytes(m, opt)
+
+# -- fixed patterns start fair; learning diagnostics -----------------------------------------------
+
+def test_tying_fair_start_gives_a_pattern_fresh_weights():
+    base = TR.build(TR.Config(**{**TR.PRESETS["tiny"], "agent": "none", "n_layer": 6}), 50, "cpu")[0]
+    for fair in (True, False):
+        m = TR.build(TR.Config(**{**TR.PRESETS["tiny"], "agent": "sequence", "n_layer": 6,
+                                  "fair_start": fair}), 50, "cpu")[0]
+        assert m.tie_map() == ([0, 0, 2, 2, 4, 4] if fair else [0] * 6)  # fair: the map from step 0
+        if fair:  # each owned block is the baseline's own initialisation, not a copy of layer 0
+            assert all(torch.equal(p, q) for i in (2, 4) for p, q in
+                       zip(m.transformer.h[i].parameters(), base.transformer.h[i].parameters()))
+            assert not torch.equal(m.transformer.h[2].attn.c_attn.weight, m.transformer.h[0].attn.c_attn.weight)
+
+def test_tying_agent_diagnostics_on_planted_records():
+    rec = lambda e, l, a, r, g, sat=False: dict(episode=e, layer=l, action=a, reward=r, saturated=sat,
+                                                greedy=g, q_min=-r, q_max=r)
+    prev = [rec(0, 1, 1, 0.0, 1), rec(0, 2, 0, 0.0, 0), rec(0, 3, 0, 0.0, 2)]
+    recs = [rec(1, 1, 1, 3.0, 1, True), rec(1, 2, 0, 1.0, 0), rec(1, 3, 3, 2.0, 0)]
+    d = TR.agent_diagnostics(recs, 0.9, prev)
+    assert d["reward_mean"] == 2.0 and d["reward_saturated_frac"] == pytest.approx(1 / 3)
+    assert (d["reward_train_mean"], d["reward_tie_mean"], d["reward_train_minus_tie"]) == (2.5, 1.0, 1.5)
+    assert d["reward_noise"] == pytest.approx(math.sqrt((4 + 1) / 2 / 2))  # diffs -2, +1, each / sqrt 2
+    assert d["reward_diff_se"] == pytest.approx(d["reward_noise"] * math.sqrt(1 / 2 + 1))
+    assert d["greedy_repeat_frac"] == pytest.approx(2 / 3)  # layers 1, 2 repeat, layer 3 does not
+    assert d["greedy_repeat_uniform"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 4) / 3)
+    assert (d["q_min"], d["q_max"], d["td_fixed_point"]) == (-3.0, 3.0, pytest.approx(20.0))
+
+# -- the contract through the command line -----------------------------------------------------------
+
+def test_tying_cli_bad_bool_is_one_error_line_in_a_real_process(tmp_path):
+    p = subprocess.run([sys.executable, "tying_rl.py", "--plot=yes", f"--out_dir={tmp_path / 'o'}"],
+                       capture_output=True, text=True, cwd=Path(TR.__file__).parent, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("error: --plot")
+    assert not (tmp_path / "o").exists()
+
+def test_tying_device_without_gpu_fails_before_data(tmp_path, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.setattr(data, "prepare_text", lambda *a: pytest.fail("data was read"))
+    for dev in ("cuda", "cuda:0"):
+        err = _tying_error(capsys, lambda: TR.main([f"--device={dev}", f"--out_dir={tmp_path / 'o'}"]))
+        assert "available on this machine: use one of auto" in err and "cpu" in err
+    assert not any(tmp_path.iterdir())
+
+def test_tying_used_out_dir_is_refused_and_damaged_ckpt_is_one_line(tmp_path, capsys):
+    _tying_run(tmp_path, "u", "--episodes=1")
+    before = _tying_files(tmp_path / "u")
+    err = _tying_error(capsys, lambda: _tying_run(tmp_path, "u"))  # a rerun without --resume
+    assert "already holds a run" in err and "--resume=True" in err and "new --out_dir" in err
+    assert _tying_files(tmp_path / "u") == before  # no file lost, overwritten or touched
+    ck = tmp_path / "u" / "ckpt.pt"
+    ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])  # a truncated checkpoint
+    before = _tying_files(tmp_path / "u")
+    err = _tying_error(capsys, lambda: _tying_run(tmp_path, "u", "--resume=True"))
+    assert "damaged or truncated" in err and str(ck) in err
+    assert _tying_files(tmp_path / "u") == before
+
+def test_tying_ctrl_c_prints_the_resume_command_and_it_continues_exactly(tmp_path, monkeypatch, capsys):
+    _, straight = _tying_run(tmp_path, "s")
+    step, n = TR.lm_step, []
+    def stop_at_5(*a):  # Ctrl-C in episode 2 (3 LM steps per episode)
+        n.append(1)
+        if len(n) == 5:
+            raise KeyboardInterrupt
+        return step(*a)
+    monkeypatch.setattr(TR, "lm_step", stop_at_5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _tying_run(tmp_path, "k")
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.count("\n") == 1 and "Traceback" not in err
+    assert "interrupted in episode 2" in err and "holds episode 1" in err
+    cmd = shlex.split(err.split("continue with: ")[1])
+    assert cmd[:2] == ["python", "tying_rl.py"] and cmd[-1] == "--resume=True"
+    monkeypatch.setattr(TR, "lm_step", step)
+    _tying_main(cmd[2:])
+    assert [json.loads(l)["step"] for l in open(tmp_path / "k" / "log.jsonl")] == \
+           [json.loads(l)["step"] for l in open(tmp_path / "s" / "log.jsonl")]
+    assert json.loads((tmp_path / "k" / "summary.json").read_text())["val_ppl"] == \
+           json.loads((tmp_path / "s" / "summary.json").read_text())["val_ppl"]
+    n.clear(), monkeypatch.setattr(TR, "lm_step", stop_at_5)  # before the first checkpoint: nothing kept
+    with pytest.raises(SystemExit):
+        _tying_run(tmp_path, "k2", "--steps_per_action=2")
+    assert "before the first checkpoint" in capsys.readouterr().err and not any((tmp_path / "k2").iterdir())
 
 # -----------------------------------------------------------------------------
 # recursive.py: Relaxed Recursive Transformers (conversion, SVD-LoRA, KD, early exit, CDB engine)
