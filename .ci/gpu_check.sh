@@ -58,6 +58,10 @@ job() {  # job NAME: run cmd NAME for at most the time left; log to out/logs/NAM
   if [ "$lim" -lt 20 ]; then echo "$name skipped (deadline)" >> out/logs/jobs.txt; return; fi
   [ "$name" = recursive_alone ] && [ -f out/recursive/summary.json ] && cp out/recursive/summary.json out/recursive/summary_shared.json
   case $name in neuron|neuron_e100) wait "$PREP" 2>/dev/null ;; esac  # the CIFAR cache: never two writers
+  local od; od=$(cmd "$name" | grep -o -- '--out_dir=[^ ]*' | cut -d= -f2)
+  case $name in  # a fresh measurement on every call: the scripts refuse a used out_dir
+    tying*|paper_*|abl_*|neuron_bench) [ -n "$od" ] && rm -rf "$od" ;;
+  esac
   timeout -k 5 "$lim" $(cmd "$name") > "out/logs/$name.txt" 2>&1
   echo "$name rc=$? wall=$((SECONDS - t))s start=$((t - T0))s :: $(cmd "$name")" | tee -a out/logs/jobs.txt
   cp out/logs/jobs.txt "$OUT"/ 2>/dev/null  # something comes back even if the command itself is cut
