@@ -243,7 +243,8 @@ def prepare_text(dataset="ptb", tokenizer="gpt2", data_dir=DATA_DIR):
     encode, _ = get_tokenizer(tokenizer, meta)
     meta["vocab_size"] = len(meta["chars"]) if tokenizer == "char" else 50257
     if meta["vocab_size"] >= 2 ** 16:
-        raise DataError(f"{dataset}: {meta['vocab_size']} symbols; uint16 bins need a vocabulary under 65536")
+        raise DataError(f"{dataset}: {meta['vocab_size']} symbols; "
+                        "uint16 bins need a vocabulary under 65536")
     folder.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)  # an interrupted rebuild then leaves no meta: it is redone
     meta["n_tokens"] = {}
