@@ -756,8 +756,8 @@ def test_tying_used_out_dir_is_refused_and_damaged_ckpt_is_one_line(tmp_path, ca
     assert "damaged or truncated" in err and str(ck) in err
     assert _tying_files(tmp_path / "u") == before
 
-def test_tying_ctrl_c_prints_the_resume_command_and_it_continues_exactly(tmp_path, monkeypatch,
-                                                                         capsys):
+def test_tying_ctrl_c_prints_the_resume_command_and_it_continues_exactly(
+        tmp_path, monkeypatch, capsys):
     _, straight = _tying_run(tmp_path, "s")
     step, n = TR.lm_step, []
     def stop_at_5(*a):  # Ctrl-C in episode 2 (3 LM steps per episode)
