@@ -1638,12 +1638,12 @@ def test_neuron_image_folder_bad_file_is_named_and_damaged_cache_rebuilt(tmp_pat
             (root / split / c).mkdir(parents=True)
             for i in range(3):
                 Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / split / c / f"{i}.png")
-    (root / "train" / "b" / "notes.txt").write_text("not an image")
+    (root / "train" / "b" / "labels.txt").write_text("not an image")
     args = [f"--dataset=imagefolder:{root}", "--image_size=8", "--n_class=2", "--n_images=0",
             f"--out_dir={tmp_path / 'o'}", "--device=cpu"]
     rc, err = _neuron_cli(capsys, *args)
-    assert rc == 2 and len(err) == 1 and "notes.txt" in err[0] and not (tmp_path / "o").exists()
-    (root / "train" / "b" / "notes.txt").unlink()
+    assert rc == 2 and len(err) == 1 and "labels.txt" in err[0] and not (tmp_path / "o").exists()
+    (root / "train" / "b" / "labels.txt").unlink()
     ds = data.load_images(f"imagefolder:{root}", data.DATA_DIR, 8)
     cache = next((tmp_path / "data").glob("imagefolder_imgs_*"))
     good = (cache / "train_x.npy").read_bytes()
