@@ -1043,7 +1043,7 @@ class TensorEngine:
         exited = emit & ~in_pre & (done < R)
         # lazy lanes: each moves one loop on; an exited token's next loop starts its chain
         self.lazy_on[:, 1:] = self.lazy_on[:, :-1].clone()
-        self.lazy_on[:, 0] = False
+        self.lazy_on[:, :1] = False
         self.lazy[:, 1:, POS] = self.lazy[:, :-1, POS].clone()
         self.lazy[:, 1:, SRC] = self.lazy_row[:, :-1]
         if self.kv_fill == "exact":  # ALGO LOGIC: its loop `done` runs in the next pass
