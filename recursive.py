@@ -886,7 +886,7 @@ SLOT, POS, LOOP, TOK, SRC = range(5)  # the columns of TensorEngine.lanes
 
 @functools.lru_cache(maxsize=None)
 def compiled(fn):
-    return torch.compile(fn, mode="reduce-overhead")
+    return torch.compile(fn, mode="reduce-overhead", dynamic=False)  # one graph per shape set
 
 class TensorEngine:
     """Engine's schedule with every piece of scheduler state in device tensors, moved on by tensor
@@ -950,7 +950,7 @@ class TensorEngine:
         self.admit()
         self.n_rows, self.L, self.more = self.counts()[:3].tolist()
         self.advance = self.pass_and_update
-        if compile:  # one compiled function for every engine: same shapes, no recompilation
+        if compile and not profile:  # one compiled function for every engine (no recompiles)
             self.advance = functools.partial(compiled(TensorEngine.pass_and_update), self)
 
     def busy(self):
@@ -1396,7 +1396,7 @@ def spread(xs):  # median and range of per-round figures
 def engine_options(cfg, device):
     """The serve() options of --engine and --engine_compile (compiled on CUDA only)."""
     if cfg.engine_compile:
-        return dict(engine="tensors", fixed_rows=True, compile=device == "cuda")
+        return dict(engine="tensors", fixed_rows=True, compile=True)
     auto = "tensors" if device == "cuda" else "lists"
     return dict(engine=auto if cfg.engine == "auto" else cfg.engine)
 
@@ -1412,10 +1412,11 @@ def throughput(cfg, full, rec, arr, tau, device, log):
              "cdb_confidence": (rec, dict(exit_mode="confidence", tau=tau, kv_fill=cfg.kv_fill))}
     eng = engine_options(cfg, device)
     kinds = {k: (m, {**kw, **eng}) for k, (m, kw) in kinds.items()}
-    for m in (full, rec):  # warm-up (allocator, kernels; with engine_compile the compilation)
-        serve(m, reqs, cfg.max_batch, device, **eng)
+    for m, kw in kinds.values():  # warm-up (allocator, kernels; with engine_compile, compiling)
+        serve(m, reqs, cfg.max_batch, device, **kw)
     runs, t0 = {k: [] for k in kinds}, time.perf_counter()
-    prof = device != "cuda"  # off CUDA the phase timer never synchronises: profile every round
+    # off CUDA the phase timer never synchronises: profile every round (not a compiled step)
+    prof = device != "cuda" and not cfg.engine_compile
     for r in range(cfg.bench_rounds):  # interleaved: a change of machine load hits every scheduler
         for k, (m, kw) in kinds.items():
             runs[k].append(serve(m, reqs, cfg.max_batch, device, profile=prof, **kw))
@@ -1425,7 +1426,7 @@ def throughput(cfg, full, rec, arr, tau, device, log):
     if prof:  # seconds per phase, the mean of a run over the rounds
         phases = {k: {p: float(np.mean([r["phases_s"][p] for r in v])) for p in v[0]["phases_s"]}
                   for k, v in runs.items()}
-    else:  # CUDA: one more, profiled, run per scheduler (its synchronisations would slow the rounds)
+    else:  # one more, profiled (uncompiled), run per scheduler: its synchronisations slow CUDA
         phases = {k: serve(m, reqs, cfg.max_batch, device, profile=True, **kw)["phases_s"]
                   for k, (m, kw) in kinds.items()}
     e2e = {k: [r["tok_per_s"] for r in v] for k, v in runs.items()}
