@@ -23,7 +23,7 @@ Outputs in out/recursive/: config.json, log.jsonl, ckpt/*.pt (stage caches), sum
 Expected output, run times and every result: docs/recursive.md.
 Dimension letters: B batch, T time, C n_embd, nh heads, hs head size, R loops, r LoRA rank.
 """
-import argparse, hashlib, inspect, json, math, os, random, sys, time, urllib.request
+import argparse, functools, hashlib, inspect, json, math, os, random, sys, time, urllib.request
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict, fields
@@ -86,6 +86,8 @@ class Config:
     gen_min: int = 16             # new tokens per request ~ uniform[gen_min, gen_max]
     gen_max: int = 192            # prompt_len + gen_max <= block_size
     kv_fill: str = "exact"        # exited tokens' skipped KV: exact (run lazily) | propagate | full
+    engine: str = "auto"          # serving engine state: lists (host) | tensors (device) | auto
+    engine_compile: bool = False  # tensors engine, fixed-shape step, torch.compile reduce-overhead
     bench_rounds: int = 5         # serving benchmark: interleaved rounds (median and range)
     # eval / system
     eval_tokens: int = 0          # cap per split for perplexity (0 = whole split)
@@ -650,6 +652,7 @@ def exit_stats(res, exits):
 # position t. A pass reads every row's own depth with one index_select per block.
 
 KV_FILLS = ("exact", "propagate", "full")
+ENGINES = ("auto", "lists", "tensors")
 
 class Slot:
     """The state of one engine slot: its request and the token (or prompt) in flight."""
@@ -677,9 +680,10 @@ class PhaseTimer:
 
 def block_pass(model, x, slot, pos, loop, L, kf, vf, timer):
     """ALGO LOGIC: one pass of the K shared blocks; row i runs loop[i] with that depth's LoRA and
-    reads / writes its cache rows (loop K + k) S + slot at column pos. x (n, 1, C) -> (n, 1, C).
-    L > max(pos): the live context (the empty tail of the cache is never read)."""
-    K, S = model.config.n_layer, kf.size(0) // (model.config.n_layer * model.n_loops)
+    reads / writes its cache rows (loop K + k) S + slot at column pos (slot -1: a padding row, the
+    spare row). x (n, 1, C) -> (n, 1, C). L > max(pos): the live context (the empty tail of the cache is never read)."""
+    K, spare = model.config.n_layer, kf.size(0) - 1  # the spare last cache row: padding rows
+    S = spare // (K * model.n_loops)
     mask = (torch.arange(L, device=x.device)[None] <= pos[:, None])[:, None, None]  # (n, 1, 1, L)
 
     def hook_for(rows):  # attention hook: store this pass's k, v (n, nh, 1, hs), return the past
@@ -692,30 +696,29 @@ def block_pass(model, x, slot, pos, loop, L, kf, vf, timer):
             return past_k, past_v, mask
         return hook
     for k, blk in enumerate(model.transformer.h):
-        x = blk(x, loop, hook_for((loop * K + k) * S + slot))
+        x = blk(x, loop, hook_for(torch.where(slot < 0, spare, (loop * K + k) * S + slot)))
     timer.mark("blocks")
     return x
 
 def fill_skipped_kv(model, x, slot, pos, done, L, kf, vf, kv_fill, timer):
-    """Exited tokens (done: a list of the loops each ran, < R) owe K/V at the depths they skip.
-    propagate: copy the exited state up (CALM) through each skipped depth's ln_1 + c_attn (+ its
-    LoRA); full: run the skipped loops now. x (m, 1, C). (kv_fill=exact: see Engine.update.)"""
+    """Exited tokens (slot >= 0; done (m,): the loops each ran, < R) owe K/V at the depths they
+    skip. propagate: copy the exited state up (CALM) through each skipped depth's ln_1 + c_attn
+    (+ its LoRA); full: run the skipped loops now. x (m, 1, C). (kv_fill=exact: Engine.update.)"""
     K, R, C = model.config.n_layer, model.n_loops, model.config.n_embd
-    S, nh = kf.size(0) // (K * R), model.config.n_head
+    spare, nh = kf.size(0) - 1, model.config.n_head
+    S = spare // (K * R)
     for lq in range(1, R):
-        sel = [i for i, d in enumerate(done) if d <= lq]  # the tokens that skip loop lq
-        if not sel:
-            continue
-        sel = torch.tensor(sel, device=x.device)
-        s, p, lp = slot[sel], pos[sel], torch.full_like(sel, lq)
+        s = torch.where(done <= lq, slot, -1)  # the tokens that skip loop lq; -1: the spare row
+        lp = torch.full_like(slot, lq)
         if kv_fill == "full":
-            x[sel] = block_pass(model, x[sel], s, p, lp, L, kf, vf, timer)
+            y = block_pass(model, x, s, pos, lp, L, kf, vf, timer)
+            x = torch.where((s >= 0)[:, None, None], y, x)
             continue
         for k, blk in enumerate(model.transformer.h):
-            kv = blk.attn.c_attn(blk.ln_1(x[sel]), lp)[:, 0, C:]  # (m', 2C): this depth's k, v
-            rows = (lq * K + k) * S + s
-            kf[rows, :, p] = kv[:, :C].view(-1, nh, C // nh).to(kf.dtype)
-            vf[rows, :, p] = kv[:, C:].view(-1, nh, C // nh).to(vf.dtype)
+            kv = blk.attn.c_attn(blk.ln_1(x), lp)[:, 0, C:]  # (m, 2C): this depth's k, v
+            rows = torch.where(s >= 0, (lq * K + k) * S + s, spare)
+            kf[rows, :, pos] = kv[:, :C].view(-1, nh, C // nh).to(kf.dtype)
+            vf[rows, :, pos] = kv[:, C:].view(-1, nh, C // nh).to(vf.dtype)
     timer.mark("kv fill")
 
 class Engine:
@@ -734,9 +737,9 @@ class Engine:
         self.K, self.R = c.n_layer, model.n_loops
         T = max(map(len, self.prompts)) + max(self.n_new)
         assert T <= c.block_size, f"prompt + new tokens ({T}) exceed the context {c.block_size}"
-        shape = (self.K * self.R, max_batch, c.n_head, T, c.n_embd // c.n_head)
-        self.kc, self.vc = (torch.zeros(shape, device=device, dtype=amp_dtype(device)) for _ in "kv")
-        self.kf, self.vf = self.kc.flatten(0, 1), self.vc.flatten(0, 1)  # row d S + s (a view)
+        shape = (self.K * self.R * max_batch + 1, c.n_head, T, c.n_embd // c.n_head)  # + spare
+        self.kf, self.vf = (torch.zeros(shape, device=device, dtype=amp_dtype(device)) for _ in "kv")
+        self.kc, self.vc = (f[:-1].view(self.K * self.R, max_batch, *shape[1:]) for f in (self.kf, self.vf))
         self.slots, self.queue = [Slot() for _ in range(max_batch)], deque(range(len(requests)))
         self.out, self.exit_hist, self.steps = [[] for _ in requests], [0] * self.R, 0
         self.prev = torch.zeros(0, 1, c.n_embd, device=device)  # the previous pass's output rows
@@ -807,8 +810,9 @@ class Engine:
         self.timer.mark("bookkeeping")
         if exited and self.kv_fill != "exact":
             e = torch.tensor([j for j, _ in exited], device=self.device)
-            fill_skipped_kv(self.model, x[e], slot[e], pos[e], [d for _, d in exited], L,
-                            self.kf, self.vf, self.kv_fill, self.timer)
+            done = torch.tensor([d for _, d in exited], device=self.device)
+            fill_skipped_kv(self.model, x[e], slot[e], pos[e], done, L, self.kf, self.vf,
+                            self.kv_fill, self.timer)
         self.steps += 1
         return any(kind == "prefill" for kind, _ in who), n_dec
 
@@ -875,12 +879,209 @@ class Engine:
         if self.owed(s) == 0 and self.refill != "static":
             s.req, s.lazy = -1, []  # pending lazy rows are dropped: nothing reads them any more
 
+    def result(self):  # tokens per request, exit histogram of the decode tokens
+        return self.out, self.exit_hist
+
+SLOT, POS, LOOP, TOK, SRC = range(5)  # the columns of TensorEngine.lanes
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn):
+    return torch.compile(fn, mode="reduce-overhead", dynamic=False)  # one graph per shape set
+
+class TensorEngine:
+    """Engine's schedule with every piece of scheduler state in device tensors, moved on by tensor
+    ops: ONE small host read per step (the next step's row count and context, busy, the decode
+    tokens emitted, whether it prefilled); the tokens themselves are read once, at the end.
+    fixed_rows=True pads every pass to the row budget with the whole cache as context, so every
+    step has the same shapes (CUDA graphs); compile=True then wraps the step in
+    torch.compile(mode="reduce-overhead").
+
+    Lanes. Every row a step can run has a fixed lane, its state one row of `lanes` (slot | pos |
+    loop | tok | src: the Engine's row fields) and a flag in `active`:
+      prefill  S x P lanes: lane (s, t) is prompt token t of slot s (P = the longest prompt)
+      decode   S lanes: the token in flight of slot s; while its prompt is in flight, this lane
+               is off but keeps the prompt's loop and the position of its last token
+      lazy     S x (R - 1) lanes: lane (s, l) is loop l + 1 of a token of slot s that exited
+               early (kv_fill=exact); it moves to lane (s, l + 1) after each pass.
+    A step runs the active lanes as rows, in lane order. A slot holds at most max(P, R) active
+    lanes, so S max(P, R) rows is the budget; a padding row reads and writes the spare last
+    cache row only, so it changes no result (a test checks it)."""
+    def __init__(self, model, requests, max_batch, device, refill="continuous", exit_mode="none",
+                 schedule=None, tau=1.0, kv_fill="exact", profile=False, fixed_rows=False,
+                 compile=False):
+        c, S, R = model.config, max_batch, model.n_loops
+        self.model, self.device, self.refill, self.exit_mode = model, device, refill, exit_mode
+        self.tau, self.kv_fill, self.fixed, self.S, self.K, self.R = tau, kv_fill, fixed_rows, S, c.n_layer, R
+        P, G = max(len(p) for p, _ in requests), max(n for _, n in requests)
+        self.P, self.G, self.T, self.n_req = P, G, P + G, len(requests)
+        assert self.T <= c.block_size, f"prompt + new tokens ({self.T}) exceed the context {c.block_size}"
+        dev = lambda t: t.to(device)
+        self.prompts = dev(torch.stack([F.pad(p, (0, P - len(p))) for p, _ in requests]))  # (Q, P)
+        self.plen = dev(torch.tensor([len(p) for p, _ in requests]))                      # (Q,)
+        self.n_new = dev(torch.tensor([n for _, n in requests]))                          # (Q,)
+        sched = torch.full((self.n_req, self.T), R)  # oracle exit loop per (request, position)
+        for i, e in enumerate(schedule if exit_mode == "oracle" else []):
+            for p, loop in e.items():
+                sched[i, p] = loop
+        self.sched = dev(sched)
+        # lanes: [prefill S x P | decode S | lazy S x (R - 1)]; the group views share storage
+        slot = torch.arange(S)
+        lanes = torch.zeros(S * (P + R), 5, dtype=torch.long)
+        lanes[:, SLOT] = torch.cat([slot.repeat_interleave(P), slot, slot.repeat_interleave(R - 1)])
+        lanes[S * (P + 1):, LOOP] = torch.arange(1, R).repeat(S)
+        self.lanes, self.active = dev(lanes), dev(torch.zeros(len(lanes), dtype=torch.bool))
+        self.row_of_lane = dev(torch.zeros(len(lanes), dtype=torch.long))  # its row in the last pass
+        groups = lambda t: (t[:S * P].view(S, P, *t.shape[1:]), t[S * P:S * (P + 1)],
+                            t[S * (P + 1):].view(S, R - 1, *t.shape[1:]))
+        self.pre, self.dec, self.lazy = groups(self.lanes)
+        self.pre_on, self.dec_on, self.lazy_on = groups(self.active)
+        self.pre_row, self.dec_row, self.lazy_row = groups(self.row_of_lane)
+        self.budget = S * max(P, R)
+        self.req = dev(torch.full((S,), -1))       # request per slot; -1 = free
+        self.next_req = dev(torch.zeros((), dtype=torch.long))  # the queue's head
+        self.count = dev(torch.zeros(self.n_req, dtype=torch.long))  # tokens emitted per request
+        self.out = dev(torch.zeros(self.n_req, G + 1, dtype=torch.long))  # column G: discarded
+        self.hist = dev(torch.zeros(R, dtype=torch.long))  # decode tokens per exit loop
+        shape = (c.n_layer * R * S + 1, c.n_head, self.T, c.n_embd // c.n_head)  # + a spare row
+        self.kf, self.vf = (dev(torch.zeros(shape, dtype=amp_dtype(device))) for _ in "kv")
+        self.kc, self.vc = (f[:-1].view(c.n_layer * R, S, *shape[1:]) for f in (self.kf, self.vf))
+        self.prev = dev(torch.zeros(self.budget, 1, c.n_embd))  # the last pass's output rows
+        self.timer, self.steps = PhaseTimer(device, profile), 0
+        self.admit()
+        self.n_rows, self.L, self.more = self.counts()[:3].tolist()
+        self.advance = self.pass_and_update
+        if compile and not profile:  # one compiled function for every engine (no recompiles)
+            self.advance = functools.partial(compiled(TensorEngine.pass_and_update), self)
+
+    def busy(self):
+        return bool(self.more)
+
+    def admit(self):
+        """Free slots take the next queued requests in slot order (static: only when every slot
+        is free); a taken slot's prompt lanes switch on at loop 0."""
+        free = self.req < 0
+        if self.refill == "static":
+            free &= free.all()
+        new = self.next_req + free.cumsum(0) - 1
+        take = free & (new < self.n_req)
+        self.req.copy_(torch.where(take, new, self.req))
+        self.next_req += take.sum()
+        r, t = self.req.clamp(min=0), torch.arange(self.P, device=self.req.device)
+        on, take2 = take[:, None], take[:, None].expand(-1, self.P)
+        self.pre[..., POS].copy_(torch.where(take2, t, self.pre[..., POS]))
+        self.pre[..., LOOP].masked_fill_(take2, 0)
+        self.pre[..., TOK].copy_(torch.where(take2, self.prompts[r], self.pre[..., TOK]))
+        self.pre_on.copy_(torch.where(on, t < self.plen[r][:, None], self.pre_on))
+        self.dec[:, POS].copy_(torch.where(take, self.plen[r] - 1, self.dec[:, POS]))
+        self.dec[:, LOOP].masked_fill_(take, 0)
+        self.dec_on.masked_fill_(take, False)
+        self.lazy_on.masked_fill_(on, False)
+
+    def counts(self):
+        """(rows, context) of the next pass, busy; the first three numbers of the host read."""
+        L = (self.lanes[:, POS] * self.active).max() + 1
+        busy = (self.req >= 0).any() | (self.next_req < self.n_req)
+        return torch.stack([self.active.sum(), L, busy.long()])
+
+    def step(self):
+        """ONE engine step -> (had prefill rows, decode tokens emitted)."""
+        n, L = (self.budget, self.T) if self.fixed else (self.n_rows, self.L)
+        stats = self.advance(n, L).tolist()  # THE host read of the step
+        self.n_rows, self.L, self.more, n_dec, prefill = stats
+        self.steps += 1
+        return bool(prefill), n_dec
+
+    def pass_and_update(self, n, L):
+        """Rows from the active lanes, one pass, exits, lanes moved on, admission -> host read."""
+        lane = torch.argsort((~self.active).to(torch.uint8), stable=True)[:n]  # active lanes first
+        real = self.active[lane]  # (n,) False: a padding row
+        slot, pos, loop, tok, src = self.lanes[lane].unbind(1)
+        self.row_of_lane[lane] = torch.arange(n, device=lane.device)
+        prefill = self.pre_on.any()
+        emb = self.model.embed(torch.where(loop == 0, tok, 0)[:, None], pos[:, None])  # (n, 1, C)
+        carried = self.prev.index_select(0, torch.where(loop == 0, 0, src))
+        x = torch.where((loop == 0)[:, None, None], emb, carried)
+        self.timer.mark("rows + embed")
+        x = block_pass(self.model, x, torch.where(real, slot, -1), pos, loop, L, self.kf, self.vf,
+                       self.timer)
+        self.prev[:n].copy_(x)
+        emit, done, tokens, head_row = self.exits(x)
+        self.timer.mark("head + exits")
+        n_dec = self.update(emit, done, tokens, head_row, L)
+        self.admit()
+        self.timer.mark("bookkeeping")
+        return torch.cat([self.counts(), torch.stack([n_dec, prefill.long()])])
+
+    def exits(self, x):
+        """Per slot: does its head row emit a token now, loops done, the token, the row. The head
+        row is the decode lane's row, or the row of the prompt's last token during prefill."""
+        S, R = self.S, self.R
+        in_pre = self.pre_on.any(1)
+        r = self.req.clamp(min=0)
+        last_lane = torch.arange(S, device=r.device) * self.P + self.plen[r] - 1
+        head_row = torch.where(in_pre, self.row_of_lane[last_lane], self.dec_row)
+        head_row = torch.where(self.req >= 0, head_row, 0)  # a free slot's rows are stale
+        logits = self.model.head(x[head_row, 0]).float()  # (S, V)
+        done = self.dec[:, LOOP] + 1
+        stop = done == R
+        if self.exit_mode == "oracle":
+            stop |= ~in_pre & (done >= self.sched[r, self.dec[:, POS]])
+        if self.exit_mode == "confidence":  # Sec. 4.2 names CALM's softmax response
+            maxp = (logits.max(-1).values - logits.logsumexp(-1)).exp()
+            stop |= ~in_pre & (maxp >= self.tau)
+        return (self.req >= 0) & stop, done, logits.argmax(-1), head_row
+
+    def update(self, emit, done, tokens, head_row, L):
+        """Move every lane on after a pass (tensor ops only) -> decode tokens emitted."""
+        S, R, in_pre, r = self.S, self.R, self.pre_on.any(1), self.req.clamp(min=0)
+        pos = self.dec[:, POS].clone()
+        keep = emit & (self.n_new[r] > self.count[r])  # a finished row of a static batch: padding
+        self.out[r, torch.where(keep, self.count[r], self.G)] = tokens
+        self.count.index_add_(0, r, keep.long())
+        decoded = keep & ~in_pre
+        self.hist.index_add_(0, done - 1, decoded.long())
+        exited = emit & ~in_pre & (done < R)
+        # lazy lanes: each moves one loop on; an exited token's next loop starts its chain
+        self.lazy_on[:, 1:] = self.lazy_on[:, :-1].clone()
+        self.lazy_on[:, :1] = False
+        self.lazy[:, 1:, POS] = self.lazy[:, :-1, POS].clone()
+        self.lazy[:, 1:, SRC] = self.lazy_row[:, :-1]
+        if self.kv_fill == "exact":  # ALGO LOGIC: its loop `done` runs in the next pass
+            start = exited[:, None] & (torch.arange(R - 1, device=r.device) == done[:, None] - 1)
+            self.lazy_on |= start
+            self.lazy[..., POS].copy_(torch.where(start, pos[:, None], self.lazy[..., POS]))
+            self.lazy[..., SRC].copy_(torch.where(start, head_row[:, None], self.lazy[..., SRC]))
+        else:
+            slot = torch.where(exited, torch.arange(S, device=r.device), -1)
+            fill_skipped_kv(self.model, self.prev[head_row], slot, pos, done, L, self.kf, self.vf,
+                            self.kv_fill, self.timer)
+        # decode and prefill lanes: one loop on, or (emitted) the next token at loop 0
+        go = (self.req >= 0) & ~emit
+        self.dec[:, LOOP].copy_(torch.where(go, done, 0))
+        self.dec[:, SRC].copy_(torch.where(go, head_row, self.dec[:, SRC]))
+        self.dec[:, POS].copy_(torch.where(keep, pos + 1, pos))
+        self.dec[:, TOK].copy_(torch.where(emit, tokens, self.dec[:, TOK]))
+        self.dec_on |= emit
+        self.pre[..., LOOP].copy_(self.dec[:, LOOP, None].expand(-1, self.P))
+        self.pre[..., SRC].copy_(self.pre_row)
+        self.pre_on &= ~emit[:, None]
+        # a request with every token emitted frees its slot (static: the whole batch at once)
+        finished = (self.req >= 0) & (self.n_new[r] == self.count[r])
+        if self.refill == "static":
+            finished = (self.req >= 0) & ((self.req < 0) | finished).all()
+        self.req.masked_fill_(finished, -1)
+        self.active &= ~finished[self.lanes[:, SLOT]]
+        return decoded.sum()
+
+    def result(self):
+        return [self.out[i, :n].tolist() for i, n in enumerate(self.n_new.tolist())], self.hist.tolist()
+
 @torch.no_grad()
-def serve(model, requests, max_batch, device, **kw):
+def serve(model, requests, max_batch, device, engine="lists", **kw):
     """Run an Engine (its arguments in **kw) to the end -> tokens per request, time, throughput
     end to end and decode only (the steps without prefill rows), steps, exit histogram of the
     decode tokens, the KV cache (kc, vc) and, with profile=True, seconds per phase."""
-    eng = Engine(model, requests, max_batch, device, **kw)
+    eng = (TensorEngine if engine == "tensors" else Engine)(model, requests, max_batch, device, **kw)
     sync(device)
     t0, dec_s, dec_n = time.perf_counter(), 0.0, 0
     with autocast_ctx(device):
@@ -891,9 +1092,10 @@ def serve(model, requests, max_batch, device, **kw):
                 dec_s, dec_n = dec_s + time.perf_counter() - t1, dec_n + n
     sync(device)
     wall = time.perf_counter() - t0
-    return {"tokens": eng.out, "time_s": wall, "tok_per_s": sum(eng.n_new) / wall,
+    tokens, hist = eng.result()
+    return {"tokens": tokens, "time_s": wall, "tok_per_s": sum(n for _, n in requests) / wall,
             "decode_tok_per_s": dec_n / max(dec_s, 1e-9), "steps": eng.steps,
-            "exit_hist": eng.exit_hist, "kv": (eng.kc, eng.vc), "phases_s": eng.timer.s}
+            "exit_hist": hist, "kv": (eng.kc, eng.vc), "phases_s": eng.timer.s}
 
 @torch.no_grad()
 def trajectory_exits(model, requests, continuations, device):
@@ -1014,6 +1216,7 @@ def check_config(cfg):
             (cfg.init_from in GPT2_SIZES and cfg.tokenizer != "gpt2",
              f"init_from={cfg.init_from} needs tokenizer=gpt2"),
             (cfg.kv_fill not in KV_FILLS, f"unknown kv_fill {cfg.kv_fill!r}: use one of {KV_FILLS}"),
+            (cfg.engine not in ENGINES, f"unknown engine {cfg.engine!r}: use one of {ENGINES}"),
             (not 0 <= cfg.kd_weight <= 1, f"kd_weight must be in [0, 1], got {cfg.kd_weight}"),
             (not 0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}"),
             (not 0 <= cfg.conf_agree <= 1, f"conf_agree must be in [0, 1], got {cfg.conf_agree}"),
@@ -1190,6 +1393,13 @@ def serving_requests(cfg, arr):
 def spread(xs):  # median and range of per-round figures
     return {"median": float(np.median(xs)), "min": float(min(xs)), "max": float(max(xs))}
 
+def engine_options(cfg, device):
+    """The serve() options of --engine and --engine_compile (compiled on CUDA only)."""
+    if cfg.engine_compile:
+        return dict(engine="tensors", fixed_rows=True, compile=True)
+    auto = "tensors" if device == "cuda" else "lists"
+    return dict(engine=auto if cfg.engine == "auto" else cfg.engine)
+
 def throughput(cfg, full, rec, arr, tau, device, log):
     """The serving benchmark: the same requests through the full model (static batching, CSB) and
     the recursive model (CDB without exits, with oracle exits from real text, with confidence
@@ -1200,10 +1410,13 @@ def throughput(cfg, full, rec, arr, tau, device, log):
     kinds = {"full_static": (full, dict(refill="static")), "full_csb": (full, {}), "cdb_no_exit": (rec, {}),
              "cdb_oracle": (rec, dict(exit_mode="oracle", schedule=sched, kv_fill=cfg.kv_fill)),
              "cdb_confidence": (rec, dict(exit_mode="confidence", tau=tau, kv_fill=cfg.kv_fill))}
-    for m in (full, rec):
-        serve(m, reqs[:2], 2, device)  # warm-up (allocator, kernels)
+    eng = engine_options(cfg, device)
+    kinds = {k: (m, {**kw, **eng}) for k, (m, kw) in kinds.items()}
+    for m, kw in kinds.values():  # warm-up (allocator, kernels; with engine_compile, compiling)
+        serve(m, reqs, cfg.max_batch, device, **kw)
     runs, t0 = {k: [] for k in kinds}, time.perf_counter()
-    prof = device != "cuda"  # off CUDA the phase timer never synchronises: profile every round
+    # off CUDA the phase timer never synchronises: profile every round (not a compiled step)
+    prof = device != "cuda" and not cfg.engine_compile
     for r in range(cfg.bench_rounds):  # interleaved: a change of machine load hits every scheduler
         for k, (m, kw) in kinds.items():
             runs[k].append(serve(m, reqs, cfg.max_batch, device, profile=prof, **kw))
@@ -1213,7 +1426,7 @@ def throughput(cfg, full, rec, arr, tau, device, log):
     if prof:  # seconds per phase, the mean of a run over the rounds
         phases = {k: {p: float(np.mean([r["phases_s"][p] for r in v])) for p in v[0]["phases_s"]}
                   for k, v in runs.items()}
-    else:  # CUDA: one more, profiled, run per scheduler (its synchronisations would slow the rounds)
+    else:  # one more, profiled (uncompiled), run per scheduler: its synchronisations slow CUDA
         phases = {k: serve(m, reqs, cfg.max_batch, device, profile=True, **kw)["phases_s"]
                   for k, (m, kw) in kinds.items()}
     e2e = {k: [r["tok_per_s"] for r in v] for k, v in runs.items()}
@@ -1228,6 +1441,7 @@ def throughput(cfg, full, rec, arr, tau, device, log):
           "speedup": {f"{a}_vs_{b}": ratio(e2e, a, b) for a, b in pairs},
           "speedup_decode": {f"{a}_vs_{b}": ratio(dec, a, b) for a, b in pairs},
           "phases_s": phases, "rounds": cfg.bench_rounds, "kv_fill": cfg.kv_fill, "device": device,
+          "engine": eng,
           "n_requests": cfg.n_requests, "max_batch": cfg.max_batch, "exit_hist_oracle": hist,
           "exit_hist_confidence": runs["cdb_confidence"][0]["exit_hist"],
           "mean_exit_loop": sum((i + 1) * c for i, c in enumerate(hist)) / max(1, sum(hist)),

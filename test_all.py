@@ -989,6 +989,51 @@ def test_recursive_engine_equals_cache_free_decoder():
                 hist = res["exit_hist"]
             assert mode == "none" or hist[0] > 0  # some tokens did exit early
 
+def test_recursive_tensor_engine_equals_cache_free_decoder_and_padding_changes_nothing():
+    """The device-state engine, with and without fixed-shape padding, against the same reference:
+    random oracle schedules, confidence and no exits, every kv_fill, 1 / 3 / 9 slots, static
+    batching, R = 3; the same steps and exit histogram as the list engine; the full model (R = 1)."""
+    full = _rr_gpt(n_layer=6)
+    rec, reqs, R, tau = RR.convert(full, 2, 3, "average", 4).eval(), _rr_requests(), 3, 0.016
+    rnd = np.random.default_rng(1)
+    sched = [{q: int(rnd.integers(1, R + 1)) for q in range(len(p), len(p) + n)} for p, n in reqs]
+    exit_of = {"oracle": lambda i: lambda q, mp: sched[i][q], "none": lambda i: lambda q, mp: R,
+               "confidence": lambda i: lambda q, mp: next((l + 1 for l in range(R - 1) if mp[l] >= tau), R)}
+    for kv_fill in RR.KV_FILLS:
+        for mode in ("oracle", "confidence", "none"):
+            want = [_rr_reference_decode(rec, p, n, exit_of[mode](i), kv_fill) for i, (p, n) in enumerate(reqs)]
+            for slots, refill in ((1, "continuous"), (3, "continuous"), (9, "continuous"), (3, "static")):
+                kw = dict(refill=refill, exit_mode=mode, schedule=sched, tau=tau, kv_fill=kv_fill)
+                lists = RR.serve(rec, reqs, slots, "cpu", **kw)
+                for fixed in (False, True) if slots == 3 else (False,):
+                    res = RR.serve(rec, reqs, slots, "cpu", engine="tensors", fixed_rows=fixed, **kw)
+                    assert res["tokens"] == want, (kv_fill, mode, slots, refill, fixed)
+                    assert (res["steps"], res["exit_hist"]) == (lists["steps"], lists["exit_hist"])
+                    if kv_fill == "exact" and slots == 3:  # the caches too, row for row
+                        assert torch.allclose(res["kv"][0], lists["kv"][0], atol=1e-5)
+    for refill in ("continuous", "static"):  # R = 1: no lazy lanes
+        want = RR.serve(full, reqs, 3, "cpu", refill=refill)
+        for fixed in (False, True):
+            res = RR.serve(full, reqs, 3, "cpu", refill=refill, engine="tensors", fixed_rows=fixed)
+            assert (res["tokens"], res["steps"]) == (want["tokens"], want["steps"])
+
+def test_recursive_tensor_engine_one_host_read_per_step_and_fixed_shapes(monkeypatch):
+    (_, rec), reqs = _rr_relaxed(), _rr_requests()
+    eng = RR.TensorEngine(rec, reqs, 3, "cpu", exit_mode="confidence", tau=0.05, fixed_rows=True)
+    reads, sizes, blk = [], [], rec.transformer.h[0]
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        f = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, f=f, n=name: reads.append(n) or f(t, *a))
+    blk.forward = lambda x, *a, f=blk.forward: sizes.append(len(x)) or f(x, *a)
+    steps = 0
+    with torch.no_grad():
+        while eng.busy():
+            eng.step()
+            steps += 1
+    del blk.forward
+    assert reads == ["tolist"] * steps  # the one host read of each step, nothing else
+    assert set(sizes) == {eng.budget} == {3 * max(7, 2)}  # every pass padded to the row budget
+
 def test_recursive_exact_kv_equals_full_in_tokens_steps_and_cache():
     (_, rec), reqs = _rr_relaxed(), _rr_requests()
     base = RR.serve(rec, reqs, 3, "cpu")
@@ -1163,6 +1208,7 @@ def test_recursive_main_tiny_writes_summary(tmp_path, capsys):
     (["--runs=foo"], "unknown run"),
     (["--init=middle"], "unknown init"),
     (["--kv_fill=lazy"], "unknown kv_fill"),
+    (["--engine=gpu"], "unknown engine"),
     (["--tokenizer=bpe"], "unknown tokenizer"),
     (["--stage=train"], "unknown stage"),
     (["--gen_min=1", "--gen_max=1"], "2 <= gen_min"),  # no decode step: the simulator would divide by 0

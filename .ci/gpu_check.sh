@@ -16,7 +16,7 @@
 #   recursive > 8 min from scratch, neuron 6 min shared (50 epochs). The defaults fit one ~9-minute
 #   command (the last ablations may stop at the deadline); then
 #     bash .ci/gpu_check.sh 560 "tying_q" "" ""      and the same with tying_none (alone, to the end)
-#     bash .ci/gpu_check.sh 560 "" "recursive neuron_e100" "recursive_alone"
+#     bash .ci/gpu_check.sh 560 "" "recursive neuron_e100" "recursive_alone recursive_compile"
 # Data: copy it in here first (git-ignored) and name the folders in the device tool's `carry`:
 #   mkdir -p data/ptb data/tiktoken data/cifar10-jpg
 #   cp ../shared/data/ptb/* data/ptb/; cp ../shared/data/tiktoken/* data/tiktoken/
@@ -45,6 +45,9 @@ cmd() {  # job name -> command line
     tying_none)     echo python tying_rl.py --agent=none --out_dir=out/tying_rl/none ;;
     abl_*)          echo nice python tying_rl.py --agent=${1#abl_} --episodes=10 --out_dir=out/tying_rl/$1 ;;
     recursive|recursive_alone) echo python recursive.py ;;
+    # after recursive_alone (LAST): the fixed-shape compiled engine step; its summary.json replaces
+    # recursive_alone's, whose table stays in out/logs/recursive_alone.txt and out/recursive/log.jsonl
+    recursive_compile) echo python recursive.py --engine_compile=True ;;
     # offline: CIFAR-10 from its JPEG copy (data/cifar10-jpg), one use of imagefolder:PATH
     neuron)         echo python neuron_path.py --dataset=imagefolder:$CIFAR_JPG ;;
     neuron_e100)    echo python neuron_path.py --dataset=imagefolder:$CIFAR_JPG --epochs=100 \
