@@ -78,7 +78,7 @@ class Config:
     # early exit (post-training after uptraining, Sec. 3.7)
     ee_iters: int = 100           # ~1/3 of the uptraining tokens
     ee_weight: float = 0.1        # weight of each earlier loop's CE + self-distillation (Agg 0.1)
-    conf_agree: float = 0.95      # confidence exits: tau set on val for this agreement with the last
+    conf_agree: float = 0.95      # confidence exits: tau set on val for this agreement with loop R
     # serving (CDB engine vs static / continuous sequence batching)
     n_requests: int = 128         # requests served (prompts from the test split)
     max_batch: int = 32           # slots
@@ -96,19 +96,21 @@ class Config:
     stage: str = "all"            # last stage: pretrain | study | early_exit | all (+ serving)
     preset: str = ""              # '' | tiny (CPU, under a minute)
     device: str = "auto"          # auto | cpu | cuda | mps
-    threads: int = 0              # torch CPU threads; 0 = 1 on the CPU unless OMP_NUM_THREADS is set
+    threads: int = 0              # torch CPU threads; 0 = 1 on the CPU unless OMP_NUM_THREADS set
     seed: int = 1337              # every RNG; the same seed gives the same run on one machine
     compile: bool = False         # torch.compile the training forward
     peak_tflops: float = 0.0      # for MFU; 0 = look up the GPU name
     out_dir: str = "out/recursive"  # everything a run writes; ckpt/ holds the stage caches
     plot: bool = True             # write the PNG plots
 
-TINY = dict(tokenizer="char", n_layer=4, n_head=2, n_embd=64, block_size=64, dropout=0.0, batch_size=8,
-            pretrain_iters=60, uptrain_iters=12, ee_iters=8, eval_tokens=4096, eval_batch_size=8,
+TINY = dict(tokenizer="char", n_layer=4, n_head=2, n_embd=64, block_size=64, dropout=0.0,
+            batch_size=8, pretrain_iters=60, uptrain_iters=12, ee_iters=8, eval_tokens=4096,
+            eval_batch_size=8,
             runs="full,reduced_random,stepwise_noloop,rec_stepwise,rec_average,rec_lower,"
                  "relaxed_average_r8,relaxed_average_r32,relaxed_average_r64,relaxed_stepwise_r32",
             n_requests=8, max_batch=4, prompt_len=8, gen_min=4, gen_max=24, log_interval=20)
-INITS, STAGES = ("stepwise", "average", "lower", "random"), ("pretrain", "study", "early_exit", "all")
+INITS = ("stepwise", "average", "lower", "random")
+STAGES = ("pretrain", "study", "early_exit", "all")
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 # -----------------------------------------------------------------------------
@@ -124,8 +126,8 @@ class ArgParser(argparse.ArgumentParser):
 def flag_help():
     """{field: its comment in Config}: the --help text of every flag."""
     lines = inspect.getsource(Config).splitlines()
-    return {ln.split(":")[0].strip(): ln.split("#", 1)[1].strip() for ln in lines if "#" in ln and ":" in ln
-            and not ln.strip().startswith("#")}
+    flags = [ln for ln in lines if "#" in ln and ":" in ln and not ln.strip().startswith("#")]
+    return {ln.split(":")[0].strip(): ln.split("#", 1)[1].strip() for ln in flags}
 
 def parse_bool(name):
     def parse(v):
@@ -159,13 +161,17 @@ def get_device(pref="auto"):  # cuda -> mps -> cpu unless given; cuda:N -> "cuda
         raise UsageError(f"unknown --device={pref}: use auto, cpu, cuda, cuda:N or mps")
     if pref != "auto":
         return pref
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 def amp_dtype(device):  # bf16 on CUDA with bf16 support, else fp32 (no fp16, no GradScaler)
     return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 def autocast_ctx(device):  # the KV caches of the engine use the same dtype (amp_dtype)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if amp_dtype(device) == torch.bfloat16 else nullcontext()
+    if amp_dtype(device) == torch.bfloat16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 def set_seed(seed):
     random.seed(seed)
@@ -177,7 +183,8 @@ sync = lambda device: torch.cuda.synchronize() if device == "cuda" else None
 fmt_eta = lambda s: f"{int(s // 60)}m{int(s % 60):02d}s"
 
 # -----------------------------------------------------------------------------
-# GPT: nanoGPT's module names; a Recursive Transformer is a GPT whose n_layer blocks run n_loops times
+# GPT: nanoGPT's module names; a Recursive Transformer is a GPT whose n_layer blocks run n_loops
+# times
 
 @dataclass
 class GPTConfig:
@@ -235,7 +242,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x, loop).split(self.n_embd, dim=2)
         # view/transpose, not einops: einops costs ~3 us per call in the decode loop
         B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
         # KV-cache hook from the engine: store this step's k, v; read all past ones (and their mask)
         k, v, mask = (k, v, None) if cache is None else cache(k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -293,7 +301,7 @@ class GPT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def num_params(self, non_embedding=True):
-        """Stored parameters; non-embedding excludes wte (= lm_head) and wpe, as the paper's 'Emb'."""
+        """Stored parameters; non-embedding excludes wte (= lm_head) and wpe (the paper's 'Emb')."""
         emb = self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
         return sum(p.numel() for p in self.parameters()) - emb * non_embedding
 
@@ -315,7 +323,9 @@ class GPT(nn.Module):
                 x = blk(x, loop)
             if all_exits or loop == self.n_loops - 1:
                 outs.append(self.head(x))
-        loss = None if targets is None else F.cross_entropy(outs[-1].flatten(0, 1).float(), targets.flatten())
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(outs[-1].flatten(0, 1).float(), targets.flatten())
         return (outs if all_exits else outs[-1]), loss
 
 @torch.no_grad()
@@ -341,13 +351,15 @@ def parse_safetensors(raw):
     return {name: tensor(info).float() for name, info in header.items() if name != "__metadata__"}
 
 def gpt2_to_nanogpt(sd):
-    """HF GPT-2 state dict (with or without 'transformer.') -> our keys; Conv1D (in, out) -> (out, in)."""
+    """HF GPT-2 state dict (with or without 'transformer.') -> our keys; Conv1D (in, out) ->
+    (out, in)."""
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     out = {}
     for k, v in sd.items():
         k = k.removeprefix("transformer.")
         if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
             continue  # causal-mask buffers; lm_head is tied to wte
-        if k.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
+        if k.endswith(conv1d):
             v = v.t()
         out["transformer." + k] = v.contiguous()
     out["lm_head.weight"] = out["transformer.wte.weight"]
@@ -385,20 +397,23 @@ def gpt2_config(sd, dropout):
 def load_full_checkpoint(path, vocab_size):
     """A nanoGPT-style ckpt.pt {model, model_args} of a plain GPT -> (GPTConfig, state dict)."""
     if not Path(path).is_file():
-        raise UsageError(f"init_from: no checkpoint at {path} (use pretrain, gpt2 or a ckpt.pt path)")
+        raise UsageError(f"init_from: no checkpoint at {path} "
+                         "(use pretrain, gpt2 or a ckpt.pt path)")
     ck = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ck, dict) or "model" not in ck or "model_args" not in ck:
         raise UsageError(f"init_from: {path} is not a ckpt.pt with 'model' and 'model_args'")
     a = ck["model_args"]
     gcfg = GPTConfig(**{f.name: a[f.name] for f in fields(GPTConfig) if f.name in a})
     if a.get("n_loops", 1) != 1 or a.get("lora_rank", 0) != 0 or gcfg.vocab_size != vocab_size:
-        raise UsageError(f"init_from: {path} must hold a plain GPT with vocab_size {vocab_size} (the "
-                         f"tokenizer's); it has vocab_size {gcfg.vocab_size}, n_loops {a.get('n_loops', 1)}")
+        raise UsageError(f"init_from: {path} must hold a plain GPT with vocab_size {vocab_size} "
+                         f"(the tokenizer's); it has vocab_size {gcfg.vocab_size}, "
+                         f"n_loops {a.get('n_loops', 1)}")
     sd = {k.removeprefix("_orig_mod."): v for k, v in ck["model"].items()}
     ref = {k: v.shape for k, v in GPT(gcfg).state_dict().items()}
     bad = sorted(set(ref) ^ set(sd)) + [k for k in ref if k in sd and sd[k].shape != ref[k]]
     if bad:  # missing, unexpected or misshapen tensors
-        raise UsageError(f"init_from: {path} does not match a nanoGPT GPT of its model_args (e.g. {bad[:3]})")
+        raise UsageError(f"init_from: {path} does not match a nanoGPT GPT of its model_args "
+                         f"(e.g. {bad[:3]})")
     return gcfg, sd
 
 # -----------------------------------------------------------------------------
@@ -417,10 +432,10 @@ def source_layers(init, N, K):
 
 @torch.no_grad()
 def convert(full, n_blocks, n_loops, init="stepwise", lora_rank=0, lora_init="svd"):
-    """Full GPT -> GPT with n_blocks shared blocks x n_loops loops. Embeddings, ln_f and head are copied
-    (not for init=random: the reduced-size baseline is trained from scratch, Sec. 3.1); block k is
-    copied/averaged from source_layers; with LoRA, depth d's adapters are the truncated SVD of
-    (W_d - W_shared) in fp32: B = U S, A = V^T (Eq. 4-5, no alpha/r factor)."""
+    """Full GPT -> GPT with n_blocks shared blocks x n_loops loops. Embeddings, ln_f and head are
+    copied (not for init=random: the reduced-size baseline is trained from scratch, Sec. 3.1);
+    block k is copied/averaged from source_layers; with LoRA, depth d's adapters are the truncated
+    SVD of (W_d - W_shared) in fp32: B = U S, A = V^T (Eq. 4-5, no alpha/r factor)."""
     N, K, R = full.config.n_layer, n_blocks, n_loops
     model = GPT(GPTConfig(**{**asdict(full.config), "n_layer": K}), R, lora_rank)
     src = dict(full.named_parameters())
@@ -479,14 +494,16 @@ def parse_run(name, N, R):
 
 def kd_loss(s_logits, t_logits, temp=1.0):
     """Forward KL(p_teacher || p_student) at temperature temp (x temp^2), mean over tokens.
-    The authors' later code uses -sum p_T log p_S: it differs by the teacher's entropy, a constant."""
+    The authors' later code uses -sum p_T log p_S: it differs by the teacher's entropy, a
+    constant."""
     s, t = (F.log_softmax(z.float() / temp, -1) for z in (s_logits, t_logits))
     return (t.exp() * (t - s)).sum(-1).mean() * temp ** 2
 
 def uptrain_loss(logits, targets, t_logits, kd_weight, temp):
-    """(1 - lambda) CE + lambda FKL from the full model (Sec. 3.6; lambda, T are not given by the paper).
-    At T = 1 that is ONE cross-entropy against the mixed target q = (1 - lambda) onehot(y) + lambda p_T,
-    minus lambda H(p_T), a constant: one (N, V) student log-softmax instead of two (1.8x faster on CPU)."""
+    """(1 - lambda) CE + lambda FKL from the full model (Sec. 3.6; the paper gives neither lambda
+    nor T). At T = 1 that is ONE cross-entropy against the mixed target
+    q = (1 - lambda) onehot(y) + lambda p_T, minus lambda H(p_T), a constant: one (N, V) student
+    log-softmax instead of two (1.8x faster on CPU)."""
     # (N, V), (N,) token ids (no ignore_index)
     s, y = logits.flatten(0, 1).float(), targets.flatten()
     if t_logits is None or kd_weight == 0 or temp != 1:
@@ -504,8 +521,9 @@ def uptrain_loss(logits, targets, t_logits, kd_weight, temp):
 
 def early_exit_loss(loop_logits, targets, t_logits, cfg):
     """ALGO LOGIC (Sec. 3.7, "Agg 0.1 + KD"): the last loop keeps the uptraining loss at weight 1;
-    every earlier loop adds ee_weight * (CE + KL from the detached last loop). Returns (loss, per-loop CE).
-    EXERCISE: compare the paper's "weighted CE" (loop i weighted i / sum j) on loop-1 vs final perplexity."""
+    every earlier loop adds ee_weight * (CE + KL from the detached last loop). Returns (loss,
+    per-loop CE). EXERCISE: compare the paper's "weighted CE" (loop i weighted i / sum j) on loop-1
+    vs final perplexity."""
     final = loop_logits[-1]
     loss = uptrain_loss(final, targets, t_logits, cfg.kd_weight, cfg.kd_temp)
     ces = [F.cross_entropy(lg.flatten(0, 1).float(), targets.flatten()) for lg in loop_logits]
@@ -524,10 +542,13 @@ def peak_flops(cfg, device):  # bf16 dense peak FLOP/s for MFU; 0 = unknown (pri
     if device != "cuda" or cfg.peak_tflops:
         return cfg.peak_tflops * 1e12
     name = torch.cuda.get_device_name()
-    return next((v * 1e12 for k, v in (("H100", 989), ("H200", 989), ("A100", 312)) if k in name), 0.0)
+    peaks = (("H100", 989), ("H200", 989), ("A100", 312))
+    return next((v * 1e12 for k, v in peaks if k in name), 0.0)
 
-def train(model, train_arr, cfg, device, iters, lr, teacher=None, ee=False, name="", log=lambda rec: None):
-    """AdamW + warmup/cosine on random windows; KD from `teacher` when given; early-exit loss if ee."""
+def train(model, train_arr, cfg, device, iters, lr, teacher=None, ee=False, name="",
+          log=lambda rec: None):
+    """AdamW + warmup/cosine on random windows; KD from `teacher` when given; early-exit loss if
+    ee."""
     model.train()
     groups = [{"params": [p for p in model.parameters() if (p.dim() >= 2) == d],
                # no decay on norms/biases
@@ -538,9 +559,11 @@ def train(model, train_arr, cfg, device, iters, lr, teacher=None, ee=False, name
     T, C, depth = model.config.block_size, model.config.n_embd, model.config.n_layer * model.n_loops
     # FLOPs/token (PaLM / nanoGPT): 6 x weights that run (looped blocks count R times; wpe excluded)
     # + attention, + 2 x the teacher's weights for its forward pass
-    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)  # each LoRA runs once
+    # each LoRA runs once, the shared weights n_loops times
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     shared = model.num_params() - lora
-    weights = model.num_params(False) - model.transformer.wpe.weight.numel() + shared * (model.n_loops - 1)
+    weights = model.num_params(False) - model.transformer.wpe.weight.numel()
+    weights += shared * (model.n_loops - 1)
     n_flop = 6 * weights + 12 * depth * C * T + 2 * (teacher.num_params(False) if teacher else 0)
     peak, hist, t_log, it_log = peak_flops(cfg, device), [], time.perf_counter(), -1
     for it in range(iters):
@@ -563,12 +586,14 @@ def train(model, train_arr, cfg, device, iters, lr, teacher=None, ee=False, name
         opt.zero_grad(set_to_none=True)
         if it % cfg.log_interval == 0 or it == iters - 1:  # mean time since the last progress line
             sync(device)
-            dt, t_log, it_log = (time.perf_counter() - t_log) / (it - it_log), time.perf_counter(), it
+            dt = (time.perf_counter() - t_log) / (it - it_log)
+            t_log, it_log = time.perf_counter(), it
             tps = cfg.batch_size * T / dt
             mfu = f" | mfu {100 * n_flop * tps / peak:.1f}%" if peak else ""
             exits = " | loop CE " + " ".join(f"{c:.3f}" for c in ces) if ces else ""
-            print(f"{name} step {it:4d}/{iters} | loss {loss.item():.4f}{exits} | lr {get_lr(it, iters, lr, cfg):.1e} | "
-                  f"{1000 * dt:.0f} ms/step | {tps / 1e3:.1f}k tok/s{mfu} | eta {fmt_eta(dt * (iters - it - 1))}")
+            print(f"{name} step {it:4d}/{iters} | loss {loss.item():.4f}{exits} | "
+                  f"lr {get_lr(it, iters, lr, cfg):.1e} | {1000 * dt:.0f} ms/step | "
+                  f"{tps / 1e3:.1f}k tok/s{mfu} | eta {fmt_eta(dt * (iters - it - 1))}")
             hist.append({"run": name, "step": it, "loss": loss.item(), "loop_ce": ces})
             log(hist[-1])
     model.eval()
@@ -582,13 +607,15 @@ def evaluate(model, arr, cfg, device, collect=False):
     """Exact perplexity over the split (capped at eval_tokens) after each loop. With collect=True,
     also per-token (R, n) tensors: nll, max prob and 'argmax equals the last loop's argmax'."""
     model.eval()
-    R, nll_sum, n, per = model.n_loops, torch.zeros(model.n_loops), 0, {"nll": [], "maxp": [], "agree": []}
+    R, nll_sum, n = model.n_loops, torch.zeros(model.n_loops), 0
+    per = {"nll": [], "maxp": [], "agree": []}
     total = min(len(arr) - 1, cfg.eval_tokens or len(arr))
     t0 = t_print = time.perf_counter()
     for x, y in data.iter_eval_batches(arr, cfg.eval_batch_size, model.config.block_size, device):
         if time.perf_counter() - t_print > 10:  # no phase silent for more than ~10 s
             t_print, done = time.perf_counter(), n / max(total, 1)
-            print(f"  eval {n:,}/{total:,} tokens | eta {fmt_eta((t_print - t0) * (1 - done) / max(done, 1e-9))}")
+            eta = (t_print - t0) * (1 - done) / max(done, 1e-9)
+            print(f"  eval {n:,}/{total:,} tokens | eta {fmt_eta(eta)}")
         with autocast_ctx(device):
             outs, _ = model(x, all_exits=True)
         lp = torch.stack([o.float().log_softmax(-1) for o in outs]).flatten(1, 2)  # (R, B*T, V)
@@ -608,7 +635,8 @@ def evaluate(model, arr, cfg, device, collect=False):
     return res
 
 def oracle_exits(agree):
-    """agree (R, n) bool -> exit loop per token (1-based): the earliest loop whose argmax equals the last."""
+    """agree (R, n) bool -> exit loop per token (1-based): the earliest loop whose argmax equals
+    the last."""
     return agree.float().argmax(0) + 1  # the last row is all True, so argmax finds the first True
 
 def confidence_exits(maxp, tau):
@@ -617,7 +645,8 @@ def confidence_exits(maxp, tau):
 
 def calibrate_tau(maxp, agree, target):
     """Smallest tau (most exits) whose exits agree with the last loop on >= target of ALL tokens
-    (docs/recursive.md, "Implementation details"). EXERCISE: calibrate the top-1 - top-2 margin instead."""
+    (docs/recursive.md, "Implementation details").
+    EXERCISE: calibrate the top-1 - top-2 margin instead."""
     n = agree.shape[1]
     # <= ~100k values from every early loop
     sub = maxp[:-1, ::max(1, n * (maxp.shape[0] - 1) // 100_000)]
@@ -630,7 +659,8 @@ def exit_stats(res, exits):
     """Exit rate, mean exit loop, histogram, agreement and perplexity of a per-token exit choice."""
     # (n,) at each exit loop
     R, agree = res["agree"].shape[0], res["agree"].gather(0, exits[None] - 1)[0].float()
-    return {"exit_rate": (exits < R).float().mean().item(), "mean_exit_loop": exits.float().mean().item(),
+    return {"exit_rate": (exits < R).float().mean().item(),
+            "mean_exit_loop": exits.float().mean().item(),
             "hist": torch.bincount(exits - 1, minlength=R).tolist(),
             "agreement": agree.mean().item(),  # of all tokens (those at loop R agree)
             "agreement_of_exits": agree[exits < R].mean().nan_to_num(1.0).item(),
@@ -681,7 +711,8 @@ class PhaseTimer:
 def block_pass(model, x, slot, pos, loop, L, kf, vf, timer):
     """ALGO LOGIC: one pass of the K shared blocks; row i runs loop[i] with that depth's LoRA and
     reads / writes its cache rows (loop K + k) S + slot at column pos (slot -1: a padding row, the
-    spare row). x (n, 1, C) -> (n, 1, C). L > max(pos): the live context (the empty tail of the cache is never read)."""
+    spare row). x (n, 1, C) -> (n, 1, C). L > max(pos): the live context (the empty tail of the
+    cache is never read)."""
     K, spare = model.config.n_layer, kf.size(0) - 1  # the spare last cache row: padding rows
     S = spare // (K * model.n_loops)
     mask = (torch.arange(L, device=x.device)[None] <= pos[:, None])[:, None, None]  # (n, 1, 1, L)
@@ -738,8 +769,11 @@ class Engine:
         T = max(map(len, self.prompts)) + max(self.n_new)
         assert T <= c.block_size, f"prompt + new tokens ({T}) exceed the context {c.block_size}"
         shape = (self.K * self.R * max_batch + 1, c.n_head, T, c.n_embd // c.n_head)  # + spare
-        self.kf, self.vf = (torch.zeros(shape, device=device, dtype=amp_dtype(device)) for _ in "kv")
-        self.kc, self.vc = (f[:-1].view(self.K * self.R, max_batch, *shape[1:]) for f in (self.kf, self.vf))
+        dt = amp_dtype(device)
+        self.kf, self.vf = (torch.zeros(shape, device=device, dtype=dt) for _ in "kv")
+        # (N, S, nh, T, hs) views without the spare row
+        self.kc, self.vc = (f[:-1].view(self.K * self.R, max_batch, *shape[1:])
+                            for f in (self.kf, self.vf))
         self.slots, self.queue = [Slot() for _ in range(max_batch)], deque(range(len(requests)))
         self.out, self.exit_hist, self.steps = [[] for _ in requests], [0] * self.R, 0
         self.prev = torch.zeros(0, 1, c.n_embd, device=device)  # the previous pass's output rows
@@ -770,7 +804,8 @@ class Engine:
                 continue
             if s.prompt:
                 toks = self.prompts[s.req]
-                rows += [(i, t, s.loop, toks[t] if s.loop == 0 else s.src + t) for t in range(s.prompt)]
+                inp = [toks[t] if s.loop == 0 else s.src + t for t in range(s.prompt)]
+                rows += [(i, t, s.loop, inp[t]) for t in range(s.prompt)]
                 who += [("prefill", s)] * s.prompt
             else:
                 rows.append((i, s.pos, s.loop, s.tok if s.loop == 0 else s.src))
@@ -823,7 +858,9 @@ class Engine:
             if kind == "prefill" and lq + 1 == self.R and p == s.prompt - 1:
                 emit[j] = self.R  # the prompt's last row gives the request's first token
             elif kind == "decode":
-                oracle = self.schedule[s.req].get(p, self.R) if self.exit_mode == "oracle" else self.R
+                oracle = self.R
+                if self.exit_mode == "oracle":
+                    oracle = self.schedule[s.req].get(p, self.R)
                 if lq + 1 == self.R or lq + 1 >= oracle:
                     emit[j] = lq + 1
                 elif self.exit_mode == "confidence":
@@ -911,10 +948,11 @@ class TensorEngine:
                  compile=False):
         c, S, R = model.config, max_batch, model.n_loops
         self.model, self.device, self.refill, self.exit_mode = model, device, refill, exit_mode
-        self.tau, self.kv_fill, self.fixed, self.S, self.K, self.R = tau, kv_fill, fixed_rows, S, c.n_layer, R
+        self.tau, self.kv_fill, self.fixed = tau, kv_fill, fixed_rows
+        self.S, self.K, self.R = S, c.n_layer, R
         P, G = max(len(p) for p, _ in requests), max(n for _, n in requests)
         self.P, self.G, self.T, self.n_req = P, G, P + G, len(requests)
-        assert self.T <= c.block_size, f"prompt + new tokens ({self.T}) exceed the context {c.block_size}"
+        assert self.T <= c.block_size, f"prompt + new tokens ({self.T}) exceed {c.block_size}"
         dev = lambda t: t.to(device)
         self.prompts = dev(torch.stack([F.pad(p, (0, P - len(p))) for p, _ in requests]))  # (Q, P)
         self.plen = dev(torch.tensor([len(p) for p, _ in requests]))                      # (Q,)
@@ -930,7 +968,8 @@ class TensorEngine:
         lanes[:, SLOT] = torch.cat([slot.repeat_interleave(P), slot, slot.repeat_interleave(R - 1)])
         lanes[S * (P + 1):, LOOP] = torch.arange(1, R).repeat(S)
         self.lanes, self.active = dev(lanes), dev(torch.zeros(len(lanes), dtype=torch.bool))
-        self.row_of_lane = dev(torch.zeros(len(lanes), dtype=torch.long))  # its row in the last pass
+        # each lane's row in the last pass
+        self.row_of_lane = dev(torch.zeros(len(lanes), dtype=torch.long))
         groups = lambda t: (t[:S * P].view(S, P, *t.shape[1:]), t[S * P:S * (P + 1)],
                             t[S * (P + 1):].view(S, R - 1, *t.shape[1:]))
         self.pre, self.dec, self.lazy = groups(self.lanes)
@@ -1074,14 +1113,16 @@ class TensorEngine:
         return decoded.sum()
 
     def result(self):
-        return [self.out[i, :n].tolist() for i, n in enumerate(self.n_new.tolist())], self.hist.tolist()
+        tokens = [self.out[i, :n].tolist() for i, n in enumerate(self.n_new.tolist())]
+        return tokens, self.hist.tolist()
 
 @torch.no_grad()
 def serve(model, requests, max_batch, device, engine="lists", **kw):
     """Run an Engine (its arguments in **kw) to the end -> tokens per request, time, throughput
     end to end and decode only (the steps without prefill rows), steps, exit histogram of the
     decode tokens, the KV cache (kc, vc) and, with profile=True, seconds per phase."""
-    eng = (TensorEngine if engine == "tensors" else Engine)(model, requests, max_batch, device, **kw)
+    cls = TensorEngine if engine == "tensors" else Engine
+    eng = cls(model, requests, max_batch, device, **kw)
     sync(device)
     t0, dec_s, dec_n = time.perf_counter(), 0.0, 0
     with autocast_ctx(device):
@@ -1167,7 +1208,7 @@ STAGE_CODE = {"pretrain": ("GPT", "Block", "CausalSelfAttention", "MLP", "LoRALi
               "study": ("convert", "source_layers"), "early_exit": ("early_exit_loss",)}
 
 def code_version(stage):
-    """Hash of the source of every function or class that builds the stage (and the stages before)."""
+    """Hash of the source of every function or class that builds the stage (and those before)."""
     names = [n for st in STAGES[:STAGES.index(stage) + 1] for n in STAGE_CODE.get(st, ())]
     src = "".join(inspect.getsource(globals()[n]) for n in names)
     return hashlib.sha1(src.encode()).hexdigest()[:10]
@@ -1199,34 +1240,42 @@ def cached(cfg, name, spec, device, build):
 
 def check_config(cfg):
     """Every bad input fails here (or while resolving init_from), before anything is written."""
-    positive = ("n_layer", "n_head", "n_embd", "block_size", "n_loops", "batch_size", "eval_batch_size",
-                "log_interval", "n_requests", "max_batch", "prompt_len", "bench_rounds")
+    positive = ("n_layer", "n_head", "n_embd", "block_size", "n_loops", "batch_size",
+                "eval_batch_size", "log_interval", "n_requests", "max_batch", "prompt_len",
+                "bench_rounds")
     counts = ("pretrain_iters", "uptrain_iters", "ee_iters", "eval_tokens", "lora_rank", "threads")
     for name in positive + counts:
         v = getattr(cfg, name)
         if v < (1 if name in positive else 0):
             raise UsageError(f"--{name}={v}: must be >= {1 if name in positive else 0}")
     for bad, msg in [
-            (cfg.n_embd % cfg.n_head, f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}"),
-            (cfg.n_layer % cfg.n_loops, f"n_layer={cfg.n_layer} is not divisible by n_loops={cfg.n_loops}"),
+            (cfg.n_embd % cfg.n_head,
+             f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}"),
+            (cfg.n_layer % cfg.n_loops,
+             f"n_layer={cfg.n_layer} is not divisible by n_loops={cfg.n_loops}"),
             (cfg.init not in INITS, f"unknown init {cfg.init!r}: use one of {INITS}"),
-            (cfg.lora_init not in ("svd", "zero"), f"unknown lora_init {cfg.lora_init!r}: use svd or zero"),
+            (cfg.lora_init not in ("svd", "zero"),
+             f"unknown lora_init {cfg.lora_init!r}: use svd or zero"),
             (cfg.stage not in STAGES, f"unknown stage {cfg.stage!r}: use one of {STAGES}"),
-            (cfg.tokenizer not in ("gpt2", "char"), f"unknown tokenizer {cfg.tokenizer!r}: use gpt2 or char"),
+            (cfg.tokenizer not in ("gpt2", "char"),
+             f"unknown tokenizer {cfg.tokenizer!r}: use gpt2 or char"),
             (cfg.init_from in GPT2_SIZES and cfg.tokenizer != "gpt2",
              f"init_from={cfg.init_from} needs tokenizer=gpt2"),
-            (cfg.kv_fill not in KV_FILLS, f"unknown kv_fill {cfg.kv_fill!r}: use one of {KV_FILLS}"),
+            (cfg.kv_fill not in KV_FILLS,
+             f"unknown kv_fill {cfg.kv_fill!r}: use one of {KV_FILLS}"),
             (cfg.engine not in ENGINES, f"unknown engine {cfg.engine!r}: use one of {ENGINES}"),
             (not 0 <= cfg.kd_weight <= 1, f"kd_weight must be in [0, 1], got {cfg.kd_weight}"),
             (not 0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}"),
             (not 0 <= cfg.conf_agree <= 1, f"conf_agree must be in [0, 1], got {cfg.conf_agree}"),
             (not 0 <= cfg.warmup_frac <= 1 or not 0 <= cfg.min_lr_frac <= 1,
              "warmup_frac and min_lr_frac must be in [0, 1]"),
-            (min(cfg.lr, cfg.pretrain_lr, cfg.kd_temp) <= 0, "lr, pretrain_lr and kd_temp must be > 0"),
+            (min(cfg.lr, cfg.pretrain_lr, cfg.kd_temp) <= 0,
+             "lr, pretrain_lr and kd_temp must be > 0"),
             (min(cfg.ee_weight, cfg.weight_decay, cfg.grad_clip) < 0,
              "ee_weight, weight_decay and grad_clip must be >= 0"),
             (cfg.prompt_len + cfg.gen_max > cfg.block_size or not 2 <= cfg.gen_min <= cfg.gen_max,
-             "need 2 <= gen_min <= gen_max (>= 1 decode step) and prompt_len + gen_max <= block_size")]:
+             "need 2 <= gen_min <= gen_max (>= 1 decode step) and "
+             "prompt_len + gen_max <= block_size")]:
         if bad:
             raise UsageError(msg)
     for name in cfg.runs.split(","):
@@ -1240,7 +1289,8 @@ def resolve_full(cfg, data_dir):
     meta = data.prepare_text(cfg.dataset, cfg.tokenizer, data_dir)
     if cfg.stage == "all" and meta["n_tokens"]["test"] <= cfg.prompt_len + cfg.gen_max:
         raise UsageError(f"the test split ({meta['n_tokens']['test']} tokens) is too short for "
-                         f"serving requests of prompt_len + gen_max = {cfg.prompt_len + cfg.gen_max}")
+                         "serving requests of prompt_len + gen_max = "
+                         f"{cfg.prompt_len + cfg.gen_max}")
     if gpt2:
         gcfg, key = gpt2_config(full_sd, cfg.dropout), {"gpt2": gpt2_url(cfg.init_from)}
     elif cfg.init_from != "pretrain":
@@ -1250,24 +1300,26 @@ def resolve_full(cfg, data_dir):
     else:
         gcfg = GPTConfig(cfg.block_size, meta["vocab_size"], cfg.n_layer, cfg.n_head, cfg.n_embd,
                          cfg.dropout, cfg.bias)
-        key = {"pretrain": asdict(gcfg), "iters": cfg.pretrain_iters, "lr": cfg.pretrain_lr, "bs": cfg.batch_size,
-               "wd": cfg.weight_decay}
+        key = {"pretrain": asdict(gcfg), "iters": cfg.pretrain_iters, "lr": cfg.pretrain_lr,
+               "bs": cfg.batch_size, "wd": cfg.weight_decay}
     if (gcfg.n_layer, gcfg.n_head, gcfg.n_embd) != (cfg.n_layer, cfg.n_head, cfg.n_embd):
-        print(f"the full model is {gcfg.n_layer} x {gcfg.n_embd} ({gcfg.n_head} heads) ({cfg.init_from}): using it")
+        print(f"the full model is {gcfg.n_layer} x {gcfg.n_embd} ({gcfg.n_head} heads) "
+              f"({cfg.init_from}): using it")
         # config.json tells the truth
         cfg.n_layer, cfg.n_head, cfg.n_embd = gcfg.n_layer, gcfg.n_head, gcfg.n_embd
         check_config(cfg)
     gcfg.block_size = min(gcfg.block_size, cfg.block_size)  # train/eval context: cut wpe rows
     # a short-context checkpoint: fail now, not after training
     if cfg.prompt_len + cfg.gen_max > gcfg.block_size:
-        raise UsageError(f"prompt_len + gen_max = {cfg.prompt_len + cfg.gen_max} exceeds the model's context "
-                         f"{gcfg.block_size} ({cfg.init_from})")
+        raise UsageError(f"prompt_len + gen_max = {cfg.prompt_len + cfg.gen_max} exceeds the "
+                         f"model's context {gcfg.block_size} ({cfg.init_from})")
     if full_sd is not None:
         full_sd["transformer.wpe.weight"] = full_sd["transformer.wpe.weight"][:gcfg.block_size]
-    return meta, gcfg, full_sd, {"data": [cfg.dataset, cfg.tokenizer, meta["source_sha256"]], "src": key,
-                                 "code": code_version("pretrain"),
-                                 "seed": cfg.seed, "ctx": [gcfg.block_size, gcfg.dropout],
-                                 "sched": [cfg.warmup_frac, cfg.min_lr_frac, cfg.grad_clip]}
+    key = {"data": [cfg.dataset, cfg.tokenizer, meta["source_sha256"]], "src": key,
+           "code": code_version("pretrain"),
+           "seed": cfg.seed, "ctx": [gcfg.block_size, gcfg.dropout],
+           "sched": [cfg.warmup_frac, cfg.min_lr_frac, cfg.grad_clip]}
+    return meta, gcfg, full_sd, key
 
 def run(cfg):
     """The whole pipeline; returns the summary dict (also written to out_dir/summary.json)."""
@@ -1279,8 +1331,8 @@ def run(cfg):
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     logf = open(out / "log.jsonl", "a")
     log = lambda rec: (logf.write(json.dumps(rec) + "\n"), logf.flush())
-    print(f"device {device} ({torch.get_num_threads()} threads) | {cfg.dataset} {meta['n_tokens']} | "
-          f"N={N} -> K={N // R} x R={R}")
+    print(f"device {device} ({torch.get_num_threads()} threads) | {cfg.dataset} "
+          f"{meta['n_tokens']} | N={N} -> K={N // R} x R={R}")
     tr, va, te = (data.load_split(meta, s) for s in ("train", "val", "test"))
 
     def build_full():
@@ -1292,15 +1344,17 @@ def run(cfg):
         return m, {"step": cfg.pretrain_iters, "history": train(
             m, tr, cfg, device, cfg.pretrain_iters, cfg.pretrain_lr, name="pretrain", log=log)}
     full = cached(cfg, "full_pretrained", key, device, build_full)
-    summary = {"config": asdict(cfg), "device": device, "results": [], "claims": {}, "early_exit": {},
-               "throughput": {}, "units": "perplexity per token of the tokenizer"}
+    summary = {"config": asdict(cfg), "device": device, "results": [], "claims": {},
+               "early_exit": {}, "throughput": {},
+               "units": "perplexity per token of the tokenizer"}
     if cfg.stage == "pretrain":
         return finish(cfg, summary, out)
 
     # ALGO LOGIC: every run is converted from the same full model, then uptrained on the same
     # token windows with the same recipe and KD from the full model (Sec. 3.1, 3.6)
     key = {**key, "code": code_version("study"),
-           "up": [cfg.uptrain_iters, cfg.lr, cfg.batch_size, cfg.kd_weight, cfg.kd_temp, cfg.weight_decay, R]}
+           "up": [cfg.uptrain_iters, cfg.lr, cfg.batch_size, cfg.kd_weight, cfg.kd_temp,
+                  cfg.weight_decay, R]}
     main_name = f"rec_{cfg.init}" if cfg.lora_rank == 0 else \
         f"{'relaxed' if cfg.lora_init == 'svd' else 'relaxedzero'}_{cfg.init}_r{cfg.lora_rank}"
     runs = [r.strip() for r in cfg.runs.split(",")]
@@ -1312,7 +1366,8 @@ def run(cfg):
         def build(name=name, K=K, loops=loops, init=init, rank=rank, linit=linit):
             set_seed(cfg.seed)
             m = convert(full, K, loops, init, rank, linit).to(device)
-            print(f"{name}: {full.num_params() / 1e6:.2f}M -> {m.num_params() / 1e6:.2f}M non-embedding parameters")
+            print(f"{name}: {full.num_params() / 1e6:.2f}M -> {m.num_params() / 1e6:.2f}M "
+                  "non-embedding parameters")
             return m, {"step": cfg.uptrain_iters, "history": train(
                 m, tr, cfg, device, cfg.uptrain_iters, cfg.lr, teacher=full, name=name, log=log)}
         if name == "full_pretrained":
@@ -1322,16 +1377,18 @@ def run(cfg):
         v, t = evaluate(m, va, cfg, device), evaluate(m, te, cfg, device, collect=name == main_name)
         # the main model before early-exit training (kept)
         before = t if name == main_name else before
-        row = {"name": name, "non_emb_params": m.num_params(), "blocks": K, "loops": loops, "init": init,
-               "lora_rank": rank, "lora_init": linit if rank else None, "val_ppl": v["ppl"], "test_ppl": t["ppl"],
+        row = {"name": name, "non_emb_params": m.num_params(), "blocks": K, "loops": loops,
+               "init": init, "lora_rank": rank, "lora_init": linit if rank else None,
+               "val_ppl": v["ppl"], "test_ppl": t["ppl"],
                "uptrain_tokens": cfg.uptrain_iters * cfg.batch_size * m.config.block_size
                * (name != "full_pretrained")}
         if loops > 1:
             row["loop_val_ppl"], row["loop_test_ppl"] = v["loop_ppl"], t["loop_ppl"]
         summary["results"].append(row)
         log({"result": row})
-        print(f"{name:24s} | {row['non_emb_params'] / 1e6:6.2f}M | val ppl {v['ppl']:8.2f} | test ppl {t['ppl']:8.2f}"
-              + (f" | val ppl per loop {' '.join(f'{q:.2f}' for q in v['loop_ppl'])}" if loops > 1 else ""))
+        per_loop = f" | val ppl per loop {' '.join(f'{q:.2f}' for q in v['loop_ppl'])}"
+        print(f"{name:24s} | {row['non_emb_params'] / 1e6:6.2f}M | val ppl {v['ppl']:8.2f} | "
+              f"test ppl {t['ppl']:8.2f}" + (per_loop if loops > 1 else ""))
     summary["claims"] = check_claims(summary["results"])
     noise = " (tiny preset: noise at this size)" if cfg.preset == "tiny" else ""
     print("\n".join(f"claim {k}: {v}{noise}" for k, v in summary["claims"].items()))
@@ -1343,46 +1400,57 @@ def run(cfg):
         m = convert(full, N // R, R, cfg.init, cfg.lora_rank, cfg.lora_init).to(device)
         m.load_state_dict(models[main_name].state_dict())
         return m, {"step": cfg.ee_iters, "history": train(
-            m, tr, cfg, device, cfg.ee_iters, cfg.lr, teacher=full, ee=True, name=main_name + "_ee", log=log)}
-    ee_model = cached(cfg, main_name + "_ee", {**key, "run": main_name, "ee": [cfg.ee_iters, cfg.ee_weight],
-                                                       "code": code_version("early_exit")},
-                      device, build_ee)
-    rv, rt = evaluate(ee_model, va, cfg, device, collect=True), evaluate(ee_model, te, cfg, device, collect=True)
+            m, tr, cfg, device, cfg.ee_iters, cfg.lr, teacher=full, ee=True,
+            name=main_name + "_ee", log=log)}
+    ee_key = {**key, "run": main_name, "ee": [cfg.ee_iters, cfg.ee_weight],
+              "code": code_version("early_exit")}
+    ee_model = cached(cfg, main_name + "_ee", ee_key, device, build_ee)
+    rv = evaluate(ee_model, va, cfg, device, collect=True)
+    rt = evaluate(ee_model, te, cfg, device, collect=True)
     tau = calibrate_tau(rv["maxp"], rv["agree"], cfg.conf_agree)
     ee = summary["early_exit"] = {
-        "model": main_name + "_ee", "loop_test_ppl_before": before["loop_ppl"], "loop_val_ppl": rv["loop_ppl"],
-        "loop_test_ppl": rt["loop_ppl"], "oracle_before": exit_stats(before, oracle_exits(before["agree"])),
+        "model": main_name + "_ee", "loop_test_ppl_before": before["loop_ppl"],
+        "loop_val_ppl": rv["loop_ppl"], "loop_test_ppl": rt["loop_ppl"],
+        "oracle_before": exit_stats(before, oracle_exits(before["agree"])),
         "oracle": exit_stats(rt, oracle_exits(rt["agree"])), "tau": tau,
         "confidence": exit_stats(rt, confidence_exits(rt["maxp"], tau))}
     log({"early_exit": ee})
     f = lambda xs: " ".join(f"{q:.2f}" for q in xs)
-    print(f"early exit: test ppl per loop {f(rt['loop_ppl'])} (before EE training {f(before['loop_ppl'])}) | "
-          f"oracle exit rate {ee['oracle']['exit_rate']:.3f} | confidence exits (tau {tau:.3f}) rate "
+    print(f"early exit: test ppl per loop {f(rt['loop_ppl'])} "
+          f"(before EE training {f(before['loop_ppl'])}) | "
+          f"oracle exit rate {ee['oracle']['exit_rate']:.3f} | "
+          f"confidence exits (tau {tau:.3f}) rate "
           f"{ee['confidence']['exit_rate']:.3f}, agreement {ee['confidence']['agreement']:.3f}, "
           f"ppl {ee['confidence']['ppl']:.2f}")
     if cfg.stage == "all":
-        summary["throughput"] = throughput(cfg, models.get("full", full), ee_model, te, tau, device, log)
+        full_model = models.get("full", full)
+        summary["throughput"] = throughput(cfg, full_model, ee_model, te, tau, device, log)
     return finish(cfg, summary, out)
 
 def check_claims(rows):
-    """The paper's claims as checks on this run's validation perplexities (left out when rows are missing)."""
+    """The paper's claims as checks on this run's validation perplexities (left out when rows are
+    missing)."""
     ppl, claims = {r["name"]: r["val_ppl"] for r in rows}, {}
     g = lambda *n: all(k in ppl for k in n)
     if g("rec_stepwise", "reduced_random"):
         claims["stepwise_beats_reduced_from_scratch"] = ppl["rec_stepwise"] < ppl["reduced_random"]
     if g("rec_stepwise", "rec_average", "rec_lower"):
-        claims["stepwise_best_without_lora"] = ppl["rec_stepwise"] < min(ppl["rec_average"], ppl["rec_lower"])
+        others = min(ppl["rec_average"], ppl["rec_lower"])
+        claims["stepwise_best_without_lora"] = ppl["rec_stepwise"] < others
     for r in rows:
-        if r["name"].startswith("relaxed_stepwise_r") and g(r["name"].replace("stepwise", "average")):
+        twin = r["name"].replace("stepwise", "average")
+        if r["name"].startswith("relaxed_stepwise_r") and g(twin):
             claims[f"average_beats_stepwise_with_svd_r{r['lora_rank']}"] = \
                 ppl[r["name"].replace("stepwise", "average")] < ppl[r["name"]]
-    avg = sorted((r["lora_rank"], r["val_ppl"]) for r in rows if r["name"].startswith("relaxed_average_r"))
+    avg = sorted((r["lora_rank"], r["val_ppl"]) for r in rows
+                 if r["name"].startswith("relaxed_average_r"))
     if len(avg) >= 2:
         claims["relaxed_ppl_falls_with_rank"] = all(a[1] > b[1] for a, b in zip(avg, avg[1:]))
     return claims
 
 def serving_requests(cfg, arr):
-    """n_requests prompts from the test split, each with its real continuation -> (requests, conts)."""
+    """n_requests prompts from the test split, each with its real continuation -> (requests,
+    conts)."""
     rng, P = np.random.default_rng(cfg.seed), cfg.prompt_len
     starts = rng.integers(0, len(arr) - P - cfg.gen_max, cfg.n_requests)
     lens = rng.integers(cfg.gen_min, cfg.gen_max + 1, cfg.n_requests)
@@ -1407,7 +1475,8 @@ def throughput(cfg, full, rec, arr, tau, device, log):
     per phase; and the paper's simulator (measured step times x the same exit trajectories)."""
     reqs, conts = serving_requests(cfg, arr)
     sched = trajectory_exits(rec, reqs, conts, device)
-    kinds = {"full_static": (full, dict(refill="static")), "full_csb": (full, {}), "cdb_no_exit": (rec, {}),
+    kinds = {"full_static": (full, dict(refill="static")), "full_csb": (full, {}),
+             "cdb_no_exit": (rec, {}),
              "cdb_oracle": (rec, dict(exit_mode="oracle", schedule=sched, kv_fill=cfg.kv_fill)),
              "cdb_confidence": (rec, dict(exit_mode="confidence", tau=tau, kv_fill=cfg.kv_fill))}
     eng = engine_options(cfg, device)
@@ -1421,8 +1490,8 @@ def throughput(cfg, full, rec, arr, tau, device, log):
         for k, (m, kw) in kinds.items():
             runs[k].append(serve(m, reqs, cfg.max_batch, device, profile=prof, **kw))
         eta = (time.perf_counter() - t0) / (r + 1) * (cfg.bench_rounds - r)
-        print(f"serving round {r + 1}/{cfg.bench_rounds} | " + " | ".join(
-            f"{k} {v[-1]['tok_per_s']:.0f}" for k, v in runs.items()) + f" tok/s | eta {fmt_eta(eta)}")
+        speeds = " | ".join(f"{k} {v[-1]['tok_per_s']:.0f}" for k, v in runs.items())
+        print(f"serving round {r + 1}/{cfg.bench_rounds} | {speeds} tok/s | eta {fmt_eta(eta)}")
     if prof:  # seconds per phase, the mean of a run over the rounds
         phases = {k: {p: float(np.mean([r["phases_s"][p] for r in v])) for p in v[0]["phases_s"]}
                   for k, v in runs.items()}
@@ -1465,7 +1534,8 @@ def simulator(cfg, full, rec, reqs, sched, device):
     sim = {k: simulate(lengths, e, t, cfg.max_batch, mode, r)[0] for k, e, t, mode, r in [
         ("full_static", None, t_full, "static", 1), ("full_csb", None, t_full, "csb", 1),
         ("cdb_no_exit", None, t_block, "cdb", rec.n_loops),
-        ("cdb_oracle", exits, t_block, "cdb", rec.n_loops), ("ee_sync_no_cdb", exits, t_block, "ee_sync", 0)]}
+        ("cdb_oracle", exits, t_block, "cdb", rec.n_loops),
+        ("ee_sync_no_cdb", exits, t_block, "ee_sync", 0)]}
     tables = {"full": t_full, "block": t_block}
     monotonic = {n: all(t[a] <= t[b] for a, b in zip(bs, bs[1:])) for n, t in tables.items()}
     return {"simulated": {k: round(v, 1) for k, v in sim.items()}, "sim_context": ctx,
@@ -1477,22 +1547,24 @@ def simulator(cfg, full, rec, reqs, sched, device):
 def print_throughput(cfg, th):
     tiny = " (tiny preset: timing noise at this size)" if cfg.preset == "tiny" else ""
     f = lambda s, p=0: f"{s['median']:.{p}f} [{s['min']:.{p}f}, {s['max']:.{p}f}]"
-    print(f"serving{tiny}: {th['n_requests']} requests, {th['max_batch']} slots, kv_fill {th['kv_fill']}, "
-          f"{th['rounds']} interleaved rounds; tok/s median [min, max]")
+    print(f"serving{tiny}: {th['n_requests']} requests, {th['max_batch']} slots, "
+          f"kv_fill {th['kv_fill']}, {th['rounds']} interleaved rounds; tok/s median [min, max]")
     print(f"{'scheduler':16s} {'end to end':>24s} {'decode only':>24s} {'simulated':>10s}")
     for k in th["measured"]:
         print(f"{k:16s} {f(th['measured'][k]):>24s} {f(th['measured_decode'][k]):>24s} "
               f"{th['simulated'].get(k, float('nan')):10.1f}")
     print(f"{'ee_sync_no_cdb':16s} {'':>24s} {'':>24s} {th['simulated']['ee_sync_no_cdb']:10.1f}")
     for k in ("cdb_oracle_vs_full_static", "cdb_oracle_vs_full_csb"):
-        print(f"speedup {k}: end to end x{f(th['speedup'][k], 2)} | decode only x{f(th['speedup_decode'][k], 2)}")
-    print(f"simulator x{th['sim_speedup_cdb_oracle_vs_static']:.2f} vs static, x{th['sim_speedup_cdb_oracle_vs_csb']:.2f}"
-          f" vs CSB at context {th['sim_context']}; mean exit loop {th['mean_exit_loop']:.2f}, histogram "
-          f"{th['exit_hist_oracle']}")
+        print(f"speedup {k}: end to end x{f(th['speedup'][k], 2)} | "
+              f"decode only x{f(th['speedup_decode'][k], 2)}")
+    print(f"simulator x{th['sim_speedup_cdb_oracle_vs_static']:.2f} vs static, "
+          f"x{th['sim_speedup_cdb_oracle_vs_csb']:.2f} vs CSB at context {th['sim_context']}; "
+          f"mean exit loop {th['mean_exit_loop']:.2f}, histogram {th['exit_hist_oracle']}")
     for n, ok in th["step_times_monotonic"].items():
         if not ok:
-            print(f"note: the measured {n} step times are not monotonic in batch size (a loaded machine?): "
-                  + " ".join(f"{b}:{t:.3f}" for b, t in th["step_time_ms"][n].items()) + " ms")
+            times = " ".join(f"{b}:{t:.3f}" for b, t in th["step_time_ms"][n].items())
+            print(f"note: the measured {n} step times are not monotonic in batch size "
+                  f"(a loaded machine?): {times} ms")
     for k, ph in th["phases_s"].items():
         tot = sum(ph.values())
         shares = " | ".join(f"{p} {100 * v / tot:.0f}%" for p, v in ph.items())
@@ -1519,7 +1591,8 @@ def save_plots(summary, out):
             xy, fam = (r["non_emb_params"] / 1e6, r["val_ppl"]), r["name"].split("_")[0]
             ax.scatter(*xy, color={"full": "k", "rec": "C0", "relaxed": "C1"}.get(fam, "C2"))
             ax.annotate(r["name"], xy, fontsize=7, xytext=(3, 3), textcoords="offset points")
-        avg = sorted((r["non_emb_params"] / 1e6, r["val_ppl"]) for r in rows if r["name"].startswith("relaxed_average"))
+        avg = sorted((r["non_emb_params"] / 1e6, r["val_ppl"]) for r in rows
+                     if r["name"].startswith("relaxed_average"))
         ax.plot(*zip(*avg), color="C1", lw=1) if avg else None  # the relaxed frontier
         ax.set(xlabel="non-embedding parameters (M)", ylabel="validation perplexity",
                title="Recursive / relaxed vs full and reduced models")
@@ -1530,10 +1603,12 @@ def save_plots(summary, out):
     if ee:
         fig, ax = plt.subplots(figsize=(5, 3.4))
         R = len(ee["oracle"]["hist"])
-        for j, (k, lab) in enumerate([("oracle", "oracle"), ("confidence", f"confidence (tau {ee['tau']:.2f})")]):
+        labels = [("oracle", "oracle"), ("confidence", f"confidence (tau {ee['tau']:.2f})")]
+        for j, (k, lab) in enumerate(labels):
             hst = np.array(ee[k]["hist"]) / max(1, sum(ee[k]["hist"]))
             ax.bar(np.arange(1, R + 1) + 0.2 * (2 * j - 1), hst, width=0.4, label=lab)
-        ax.set(xlabel="exit loop", ylabel="fraction of test tokens", title=f"Exit histogram ({ee['model']})")
+        ax.set(xlabel="exit loop", ylabel="fraction of test tokens",
+               title=f"Exit histogram ({ee['model']})")
         ax.set_xticks(range(1, R + 1))
         ax.legend()
         fig.tight_layout()
@@ -1548,11 +1623,13 @@ def save_plots(summary, out):
             err = [[m - th[src][k]["min"] for m, k in zip(med, keys)],
                    [th[src][k]["max"] - m for m, k in zip(med, keys)]]
             ax.bar(x + off, med, 0.27, yerr=err, capsize=2, label=lab)
-        ax.bar(x + 0.27, [th["simulated"].get(k, 0) for k in keys], 0.27, label="simulator (block time)")
+        sim = [th["simulated"].get(k, 0) for k in keys]
+        ax.bar(x + 0.27, sim, 0.27, label="simulator (block time)")
         ax.set_xticks(x)
         ax.set_xticklabels(keys, fontsize=8)
         ax.legend(fontsize=8)
-        ax.set(ylabel="tokens / s", title=f"Greedy decoding, median of {th['rounds']} rounds ({th['device']})")
+        ax.set(ylabel="tokens / s",
+               title=f"Greedy decoding, median of {th['rounds']} rounds ({th['device']})")
         fig.tight_layout()
         fig.savefig(out / "throughput.png", dpi=110)
         plt.close(fig)
