@@ -930,7 +930,7 @@ class TensorEngine:
     ops: ONE small host read per step (the next step's row count and context, busy, the decode
     tokens emitted, whether it prefilled); the tokens themselves are read once, at the end.
     fixed_rows=True pads every pass to the row budget with the whole cache as context, so every
-    step has the same shapes (CUDA graphs); compile=True then wraps the step in
+    step has the same shapes (CUDA graphs), and compile=True then wraps the step in
     torch.compile(mode="reduce-overhead").
 
     Lanes. Every row a step can run has a fixed lane, its state one row of `lanes` (slot | pos |

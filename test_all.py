@@ -968,15 +968,23 @@ def _rr_reference_decode(model, prompt, n_new, exit_of, kv_fill):
         seq.append(int(logits[e - 1].argmax()))
     return seq[P:]
 
+def _rr_exit_setup(seed):
+    """A 6-layer GPT, its 3-loop recursive model, requests, a random oracle schedule and each exit rule as the
+    reference decoder's exit_of(request) -> (position, max probs) -> exit loop."""
+    full = _rr_gpt(n_layer=6)
+    rec, reqs, R, tau = RR.convert(full, 2, 3, "average", 4).eval(), _rr_requests(), 3, 0.016
+    rnd = np.random.default_rng(seed)
+    sched = [{q: int(rnd.integers(1, R + 1)) for q in range(len(p), len(p) + n)} for p, n in reqs]
+    first_confident = lambda mp: next((l + 1 for l in range(R - 1) if mp[l] >= tau), R)
+    exit_of = {"oracle": lambda i: lambda q, mp: sched[i][q],
+               "none": lambda i: lambda q, mp: R,
+               "confidence": lambda i: lambda q, mp: first_confident(mp)}
+    return full, rec, reqs, R, tau, sched, exit_of
+
 def test_recursive_engine_equals_cache_free_decoder():
     """Random oracle schedules, confidence and no exits; every kv_fill; 1 / 3 / 9 slots; CDB and
     static batching; prompts of different lengths (chunked prefill); R = 3 (chains of lazy rows)."""
-    full = _rr_gpt(n_layer=6)
-    rec, reqs, R, tau = RR.convert(full, 2, 3, "average", 4).eval(), _rr_requests(), 3, 0.016
-    rnd = np.random.default_rng(0)
-    sched = [{q: int(rnd.integers(1, R + 1)) for q in range(len(p), len(p) + n)} for p, n in reqs]
-    exit_of = {"oracle": lambda i: lambda q, mp: sched[i][q], "none": lambda i: lambda q, mp: R,
-               "confidence": lambda i: lambda q, mp: next((l + 1 for l in range(R - 1) if mp[l] >= tau), R)}
+    _, rec, reqs, R, tau, sched, exit_of = _rr_exit_setup(seed=0)
     for kv_fill in RR.KV_FILLS:
         for mode in ("oracle", "confidence", "none"):
             want = [_rr_reference_decode(rec, p, n, exit_of[mode](i), kv_fill) for i, (p, n) in enumerate(reqs)]
@@ -993,12 +1001,7 @@ def test_recursive_tensor_engine_equals_cache_free_decoder_and_padding_changes_n
     """The device-state engine, with and without fixed-shape padding, against the same reference:
     random oracle schedules, confidence and no exits, every kv_fill, 1 / 3 / 9 slots, static
     batching, R = 3; the same steps and exit histogram as the list engine; the full model (R = 1)."""
-    full = _rr_gpt(n_layer=6)
-    rec, reqs, R, tau = RR.convert(full, 2, 3, "average", 4).eval(), _rr_requests(), 3, 0.016
-    rnd = np.random.default_rng(1)
-    sched = [{q: int(rnd.integers(1, R + 1)) for q in range(len(p), len(p) + n)} for p, n in reqs]
-    exit_of = {"oracle": lambda i: lambda q, mp: sched[i][q], "none": lambda i: lambda q, mp: R,
-               "confidence": lambda i: lambda q, mp: next((l + 1 for l in range(R - 1) if mp[l] >= tau), R)}
+    full, rec, reqs, R, tau, sched, exit_of = _rr_exit_setup(seed=1)
     for kv_fill in RR.KV_FILLS:
         for mode in ("oracle", "confidence", "none"):
             want = [_rr_reference_decode(rec, p, n, exit_of[mode](i), kv_fill) for i, (p, n) in enumerate(reqs)]
