@@ -4,7 +4,8 @@ One section per file (data.py, tying_rl.py, recursive.py, neuron_path.py). Every
 the code produced: equivalences with a reference computation, invariants, or planted answers; each
 script's real `main` runs once on a tiny config with data the test writes itself.
 """
-import gc, gzip, hashlib, io, json, math, os, pickle, tarfile, urllib.error, urllib.request, weakref
+import gc, gzip, hashlib, io, json, math, os, pickle, subprocess, sys, tarfile, urllib.error
+import urllib.request, weakref
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,6 +37,18 @@ def gpt2_available():
         return data.get_tokenizer("gpt2")[0]("hi") is not None
     except Exception:  # damaged files
         return False
+
+def torchrun(script, nproc, *argv, timeout=300, ok=True):
+    """`torchrun --standalone --nproc_per_node=NPROC SCRIPT ARGV` on the CPU (gloo), one thread per
+    process: the finished subprocess (exit code 0 unless ok=False). --standalone takes a free port,
+    so such tests may run side by side. Every multi-process test goes through here."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", str(Path(__file__).parent / script), *map(str, argv)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                         cwd=Path(__file__).parent)
+    assert run.returncode == 0 or not ok, run.stdout[-2000:] + run.stderr[-4000:]
+    return run
 
 # -----------------------------------------------------------------------------
 # data.py
